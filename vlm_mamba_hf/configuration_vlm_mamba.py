@@ -1,0 +1,230 @@
+"""Configuration of VLMamba: a Mamba vision tower, a bridger, and a Mamba language model.
+
+The language side is configured by transformers' own `MambaConfig` (or `Mamba2Config`), so the
+config of a `state-spaces/mamba-*-hf` checkpoint drops in unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import MambaConfig
+from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+from transformers.models.auto.configuration_auto import AutoConfig
+
+SUPPORTED_ACTIVATIONS = ("silu", "swish")
+SUPPORTED_TEXT_MODEL_TYPES = ("mamba",)
+
+
+def _require_positive(config: object, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(config, name, None)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(
+                f"{type(config).__name__}.{name} must be a positive integer, got {value!r}. "
+                f"Set `{name}` to a value >= 1."
+            )
+
+
+def validate_mamba_text_config(config: PreTrainedConfig) -> None:
+    """Raise a clear ValueError when a Mamba language-model config cannot build a model."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_TEXT_MODEL_TYPES:
+        raise ValueError(
+            f"text_config.model_type must be one of {SUPPORTED_TEXT_MODEL_TYPES}, got {model_type!r}. "
+            "Pass a transformers `MambaConfig`."
+        )
+    _require_positive(
+        config, ("vocab_size", "hidden_size", "state_size", "num_hidden_layers", "expand", "conv_kernel")
+    )
+    _require_positive(config, ("time_step_rank", "intermediate_size"))
+    if config.hidden_act not in SUPPORTED_ACTIVATIONS:
+        raise ValueError(
+            f"{type(config).__name__}.hidden_act must be one of {SUPPORTED_ACTIVATIONS}, got {config.hidden_act!r}."
+        )
+    if not config.layer_norm_epsilon > 0:
+        raise ValueError(f"layer_norm_epsilon must be > 0, got {config.layer_norm_epsilon!r}.")
+    if not 0 < config.time_step_min <= config.time_step_max:
+        raise ValueError(
+            f"Need 0 < time_step_min <= time_step_max, got time_step_min={config.time_step_min!r}, "
+            f"time_step_max={config.time_step_max!r}."
+        )
+
+
+@strict
+class VLMambaVisionConfig(PreTrainedConfig):
+    r"""
+    Configuration of the VLMamba vision tower (`VLMambaVisionModel`).
+
+    In `"encoder"` mode the tower is Vim-style: a Conv2d patch embedding, a learned absolute position
+    embedding, an optional class token in the middle of the sequence, and `num_hidden_layers`
+    bidirectional Mamba blocks. In `"fuyu"` mode (chosen by `VLMambaConfig.vision_mode`) it is one
+    Linear over flattened patches plus the position embedding. The defaults are Vim-tiny's shape.
+
+    Args:
+        image_size (`int`): side of the (square) input image in pixels; other sizes are resized by the
+            image processor, and the position embedding is interpolated if a model sees another size.
+        patch_size (`int`): side of a square patch. `image_size` must be divisible by it.
+        num_channels (`int`): input channels (3 for RGB).
+        hidden_size (`int`): width Dv of the patch features.
+        num_hidden_layers (`int`): bidirectional Mamba blocks in encoder mode.
+        state_size, expand, conv_kernel, time_step_rank, use_bias, use_conv_bias, hidden_act, time_step_*:
+            the Mamba mixer's hyper-parameters, as in transformers' `MambaConfig`.
+        use_cls_token (`bool`): add a learned class token in the middle of the patch sequence (Vim).
+        keep_cls_token (`bool`): pass the class token on to the bridger (else only patch features).
+        residual_in_fp32 (`bool`): keep the residual stream in fp32.
+        ssm_layer (`str`): the mixer kind; `"mamba1"`.
+    """
+
+    model_type = "vlm_mamba_vision"
+    base_config_key = "vision_config"
+
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    hidden_size: int = 192
+    num_hidden_layers: int = 24
+    state_size: int = 16
+    expand: int = 2
+    conv_kernel: int = 4
+    time_step_rank: int | str = "auto"
+    use_bias: bool = False
+    use_conv_bias: bool = True
+    hidden_act: str = "silu"
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    time_step_scale: float = 1.0
+    time_step_min: float = 0.001
+    time_step_max: float = 0.1
+    time_step_init_scheme: str = "random"
+    time_step_floor: float = 1e-4
+    use_cls_token: bool = True
+    keep_cls_token: bool = False
+    residual_in_fp32: bool = True
+    ssm_layer: Literal["mamba1"] = "mamba1"
+
+    def __post_init__(self, **kwargs):
+        if self.time_step_rank == "auto":
+            self.time_step_rank = -(-self.hidden_size // 16) if isinstance(self.hidden_size, int) else 1
+        super().__post_init__(**kwargs)
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.expand * self.hidden_size
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def validate_architecture(self):
+        """Sizes positive, image divisible into patches, a supported activation."""
+        _require_positive(
+            self,
+            (
+                "image_size",
+                "patch_size",
+                "num_channels",
+                "hidden_size",
+                "state_size",
+                "expand",
+                "conv_kernel",
+                "time_step_rank",
+            ),
+        )
+        if not isinstance(self.num_hidden_layers, int) or self.num_hidden_layers < 0:
+            raise ValueError(f"num_hidden_layers must be >= 0, got {self.num_hidden_layers!r}.")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size}); "
+                "pick an image_size that is a multiple of the patch size."
+            )
+        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(f"hidden_act must be one of {SUPPORTED_ACTIVATIONS}, got {self.hidden_act!r}.")
+
+
+@strict
+class VLMambaConfig(PreTrainedConfig):
+    r"""
+    Configuration of `VLMambaForConditionalGeneration`: vision tower, bridger and Mamba language model.
+
+    Args:
+        vision_config (`VLMambaVisionConfig` or `dict`): the vision tower.
+        text_config (`MambaConfig` or `dict`): the language model (transformers' own config class).
+        vision_mode (`"encoder"` or `"fuyu"`): deep bidirectional Mamba encoder, or Fuyu-style linear
+            patch projection with no encoder.
+        image_token_id (`int`): id of the `<image>` token; the processor expands each `<image>` into
+            `num_image_tokens` of them and the model writes one vision feature at each.
+        projector_expansion (`int`): the bridger's hidden width is `projector_expansion * Dv`.
+        projector_hidden_act (`str`): activation inside the bridger.
+        projector_layernorm (`bool`): LayerNorm on the vision features before the bridger.
+        vision_feature_layer (`int`): which vision block's output feeds the bridger (-1: after the final
+            norm; other indices select `hidden_states[i]` of the tower).
+        tie_word_embeddings (`bool`): tie `lm_head` to the input embeddings.
+
+    Example:
+
+    ```python
+    >>> from transformers import MambaConfig
+    >>> from vlm_mamba_hf import VLMambaConfig, VLMambaVisionConfig, VLMambaForConditionalGeneration
+    >>> config = VLMambaConfig(
+    ...     vision_config=VLMambaVisionConfig(image_size=64, patch_size=8, hidden_size=64, num_hidden_layers=2),
+    ...     text_config=MambaConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2),
+    ...     image_token_id=4,
+    ... )
+    >>> model = VLMambaForConditionalGeneration(config)
+    ```
+    """
+
+    model_type = "vlm_mamba"
+    attribute_map = {"image_token_index": "image_token_id"}
+    sub_configs_defaults = {
+        "vision_config": VLMambaVisionConfig,
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="mamba"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    vision_mode: Literal["encoder", "fuyu"] = "encoder"
+    image_token_id: int = 3
+    projector_expansion: int = 4
+    projector_hidden_act: str = "gelu"
+    projector_layernorm: bool = False
+    projector_bias: bool = True
+    vision_feature_layer: int = -1
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # transformers keeps tie_word_embeddings on the text config for text-only loading; mirror it.
+        self.text_config.tie_word_embeddings = self.tie_word_embeddings
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Vision features per image: patches, plus the class token when it is kept (encoder mode)."""
+        vision = self.vision_config
+        keep_cls = self.vision_mode == "encoder" and vision.use_cls_token and vision.keep_cls_token
+        return vision.num_patches + int(keep_cls)
+
+    def validate_architecture(self):
+        """Sub-configs valid, the image token inside the vocabulary, projector sizes positive."""
+        validate_mamba_text_config(self.text_config)
+        self.vision_config.validate_architecture()
+        if self.vision_mode not in ("encoder", "fuyu"):
+            raise ValueError(f"vision_mode must be 'encoder' or 'fuyu', got {self.vision_mode!r}.")
+        _require_positive(self, ("projector_expansion",))
+        vocab = self.text_config.vocab_size
+        if not 0 <= self.image_token_id < vocab:
+            raise ValueError(
+                f"image_token_id ({self.image_token_id}) must be inside the text vocabulary [0, {vocab}). "
+                "Add the <image> token to the tokenizer and resize the embeddings, or fix image_token_id."
+            )
+        depth = self.vision_config.num_hidden_layers
+        if self.vision_mode == "encoder" and not -(depth + 1) <= self.vision_feature_layer <= depth:
+            raise ValueError(
+                f"vision_feature_layer ({self.vision_feature_layer}) must index the vision tower's "
+                f"{depth + 1} hidden states (-{depth + 1}..{depth})."
+            )
+
+
+__all__ = ["VLMambaConfig", "VLMambaVisionConfig", "MambaConfig", "validate_mamba_text_config"]

@@ -1,0 +1,897 @@
+"""VLMamba: an attention-free vision-language model built from Mamba blocks.
+
+Parameter names follow transformers' Mamba (`embeddings`, `layers.i.norm`, `layers.i.mixer.*`, `norm_f`)
+so that `MambaForCausalLM` checkpoints load unchanged, and the vision tower follows Vim's names
+(`patch_embed.proj`, `cls_token`, `pos_embed`, the backward mixer's `*_b`) so that Vim checkpoints
+convert by renaming.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import MambaConfig
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_vlm_mamba import VLMambaConfig, VLMambaVisionConfig, validate_mamba_text_config
+from .ssm_ops import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
+
+# ----------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VLMambaModelOutput(ModelOutput):
+    """Backbone output: last hidden state (b, l, d), the recurrent cache, per-layer hidden states."""
+
+    last_hidden_state: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class VLMambaCausalLMOutput(ModelOutput):
+    """LM output: loss, logits (b, l, vocab), the recurrent cache, hidden states, projected image features."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class VLMambaVisionOutput(ModelOutput):
+    """Vision tower output: last_hidden_state (b, n, Dv) after the final norm, and every block's output."""
+
+    last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mixers and blocks
+# ----------------------------------------------------------------------------------------------------------
+
+
+class VLMambaRMSNorm(nn.Module):
+    """RMSNorm computed in fp32: x / sqrt(mean(x^2) + eps) * weight."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class _SSMBranch:
+    """Names of one scan direction's parameters on a mixer (forward: plain names; backward: Vim's `_b`)."""
+
+    def __init__(self, conv1d: str, x_proj: str, dt_proj: str, A_log: str, D: str):
+        self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D = conv1d, x_proj, dt_proj, A_log, D
+
+
+_FORWARD = _SSMBranch("conv1d", "x_proj", "dt_proj", "A_log", "D")
+_BACKWARD = _SSMBranch("conv1d_b", "x_proj_b", "dt_proj_b", "A_b_log", "D_b")
+
+
+class VLMambaMixer(nn.Module):
+    """Mamba-1 selective SSM mixer (Gu & Dao 2023, Fig. 3), with transformers' parameter names.
+
+    in_proj (d_model -> 2*d_inner) splits into x and the gate z; x runs through a causal depthwise
+    conv, SiLU, and the selective scan whose delta, B, C come from x_proj/dt_proj; the output is gated
+    by SiLU(z) and projected back by out_proj. Every projection is called as a module, so adapters
+    wrapping them (PEFT LoRA) always take effect.
+    """
+
+    def __init__(self, config: MambaConfig | VLMambaVisionConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.intermediate_size = config.intermediate_size
+        self.ssm_state_size = config.state_size
+        self.conv_kernel_size = config.conv_kernel
+        self.time_step_rank = int(config.time_step_rank)
+        self.activation = config.hidden_act
+        self.time_step_scale = config.time_step_scale
+        self.time_step_min = config.time_step_min
+        self.time_step_max = config.time_step_max
+        self.time_step_floor = config.time_step_floor
+        self.time_step_init_scheme = config.time_step_init_scheme
+        self.in_proj = nn.Linear(self.hidden_size, 2 * self.intermediate_size, bias=config.use_bias)
+        self._add_branch(_FORWARD, config)
+        self.out_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=config.use_bias)
+
+    def _add_branch(self, names: _SSMBranch, config) -> None:
+        d, n, r, k = self.intermediate_size, self.ssm_state_size, self.time_step_rank, self.conv_kernel_size
+        conv = nn.Conv1d(d, d, kernel_size=k, groups=d, padding=k - 1, bias=config.use_conv_bias)
+        self.add_module(names.conv1d, conv)
+        self.add_module(names.x_proj, nn.Linear(d, r + 2 * n, bias=False))
+        self.add_module(names.dt_proj, nn.Linear(r, d, bias=True))
+        self.register_parameter(names.A_log, nn.Parameter(torch.empty(d, n)))
+        self.register_parameter(names.D, nn.Parameter(torch.empty(d)))
+        getattr(self, names.A_log)._no_weight_decay = True
+        getattr(self, names.D)._no_weight_decay = True
+
+    def branches(self) -> tuple[_SSMBranch, ...]:
+        return (_FORWARD,)
+
+    @torch.no_grad()
+    def init_ssm_parameters(self) -> None:
+        """Mamba's init: A = -(1..N) (S4D-real), D = 1, dt bias = softplus^-1 of log-uniform dt."""
+        for names in self.branches():
+            A = torch.arange(1, self.ssm_state_size + 1, dtype=torch.float32)
+            init.copy_(getattr(self, names.A_log), torch.log(A).expand(self.intermediate_size, -1).clone())
+            init.ones_(getattr(self, names.D))
+            dt_proj = getattr(self, names.dt_proj)
+            std = self.time_step_rank**-0.5 * self.time_step_scale
+            if self.time_step_init_scheme == "constant":
+                init.constant_(dt_proj.weight, std)
+            else:
+                init.uniform_(dt_proj.weight, -std, std)
+            log_lo, log_hi = math.log(self.time_step_min), math.log(self.time_step_max)
+            dt = torch.exp(torch.rand(self.intermediate_size) * (log_hi - log_lo) + log_lo)
+            dt = dt.clamp(min=self.time_step_floor)
+            init.copy_(dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))
+            conv = getattr(self, names.conv1d)
+            init.kaiming_uniform_(conv.weight, a=math.sqrt(5))
+            if conv.bias is not None:
+                init.zeros_(conv.bias)
+        init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
+
+    def _scan(
+        self,
+        names: _SSMBranch,
+        x: torch.Tensor,
+        z: torch.Tensor,
+        mask: torch.Tensor | None,
+        conv_state: torch.Tensor | None = None,
+        ssm_state: torch.Tensor | None = None,
+        return_final_state: bool = False,
+    ):
+        """Conv + selective scan of one direction over x, z (b, d, l); returns y (b, d, l) [, final state]."""
+        conv = getattr(self, names.conv1d)
+        x = causal_conv1d(x, conv.weight.squeeze(1), conv.bias, conv_state, self.activation)
+        if mask is not None:
+            x = x * mask
+        x_dbl = getattr(self, names.x_proj)(x.transpose(1, 2))
+        dt, B, C = torch.split(x_dbl, [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1)
+        dt = getattr(self, names.dt_proj)(dt).transpose(1, 2)
+        A = -torch.exp(getattr(self, names.A_log).float())
+        return selective_scan(
+            x,
+            dt,
+            A,
+            B.transpose(1, 2),
+            C.transpose(1, 2),
+            D=getattr(self, names.D),
+            z=z,
+            delta_softplus=True,
+            initial_state=ssm_state,
+            return_final_state=return_final_state,
+        )
+
+    def _step(self, x: torch.Tensor, z: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
+        """One decoding step; x, z (b, d); updates both states in place; returns y (b, d)."""
+        x = causal_conv1d_update(
+            x, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.activation
+        )
+        dt, B, C = torch.split(
+            self.x_proj(x), [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1
+        )
+        dt = self.dt_proj(dt)
+        A = -torch.exp(self.A_log.float())
+        return selective_state_update(ssm_state, x, dt, A, B, C, D=self.D, z=z, dt_softplus=True)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cache: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """hidden_states (b, l, d_model) -> (b, l, d_model); reads and fills `cache` when given."""
+        batch, seq_len, _ = hidden_states.shape
+        mask = None
+        if attention_mask is not None and seq_len > 1:
+            mask = attention_mask[:, None, :].to(hidden_states.dtype)
+            hidden_states = hidden_states * mask.transpose(1, 2)
+        x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)
+        if mask is not None:
+            x = x * mask  # zero padded positions before the conv, whatever in_proj's bias
+
+        conv_state = ssm_state = None
+        if cache is not None:
+            conv_state = cache.get_conv_state(self.layer_idx)
+            ssm_state = cache.get_recurrent_state(self.layer_idx)
+        if conv_state is not None and ssm_state is not None and seq_len == 1:
+            y = self._step(x[..., 0], z[..., 0], conv_state, ssm_state)[:, None, :]
+            return self.out_proj(y.to(hidden_states.dtype))
+
+        if cache is not None:
+            scanned, final_state = self._scan(_FORWARD, x, z, mask, conv_state, ssm_state, True)
+            # Store the conv window only now: the cache updates its tensors in place.
+            cache.update_conv_state(x, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
+            cache.update_recurrent_state(final_state, self.layer_idx)
+        else:
+            scanned = self._scan(_FORWARD, x, z, mask)
+        return self.out_proj(scanned.transpose(1, 2).to(hidden_states.dtype))
+
+
+class VLMambaBiMixer(VLMambaMixer):
+    """Vim's bidirectional Mamba mixer: shared in_proj/out_proj, one conv/x_proj/dt_proj/A/D per direction.
+
+    The backward direction scans the reversed sequence (its parameters carry Vim's `_b` names); the two
+    outputs are averaged before out_proj, so the feature at position i sees every position of the input.
+    """
+
+    def __init__(self, config: VLMambaVisionConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self._add_branch(_BACKWARD, config)
+
+    def branches(self) -> tuple[_SSMBranch, ...]:
+        return (_FORWARD, _BACKWARD)
+
+    def forward(self, hidden_states: torch.Tensor, cache=None, attention_mask=None) -> torch.Tensor:
+        x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)
+        y_fwd = self._scan(_FORWARD, x, z, None)
+        y_bwd = self._scan(_BACKWARD, x.flip(-1), z.flip(-1), None).flip(-1)
+        return self.out_proj(((y_fwd + y_bwd) / 2).transpose(1, 2).to(hidden_states.dtype))
+
+
+class VLMambaBlock(GradientCheckpointingLayer):
+    """Pre-norm residual block: x + mixer(RMSNorm(x)), residual optionally kept in fp32."""
+
+    def __init__(self, config, layer_idx: int, bidirectional: bool = False):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = VLMambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        mixer_cls = VLMambaBiMixer if bidirectional else VLMambaMixer
+        self.mixer = mixer_cls(config, layer_idx=layer_idx)
+
+    def forward(self, hidden_states, cache: Cache | None = None, attention_mask: torch.Tensor | None = None):
+        residual = hidden_states
+        hidden_states = self.norm(hidden_states.to(dtype=self.norm.weight.dtype))
+        if self.residual_in_fp32:
+            residual = residual.to(torch.float32)
+        hidden_states = self.mixer(hidden_states, cache=cache, attention_mask=attention_mask)
+        return residual + hidden_states
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pre-trained base
+# ----------------------------------------------------------------------------------------------------------
+
+
+class VLMambaPreTrainedModel(PreTrainedModel):
+    """Owns the Mamba initialisation; `from_pretrained` never overwrites loaded weights (init.* respects it)."""
+
+    config_class = VLMambaConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["VLMambaBlock"]
+    supports_gradient_checkpointing = True
+    _is_stateful = True
+    _supports_sdpa = False
+    _supports_flash_attn = False
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' loader, with mis-shaped tensors reported by name and both shapes in the error."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except RuntimeError as err:
+            if "ignore_mismatched_sizes" not in str(err) or kwargs.get("ignore_mismatched_sizes"):
+                raise
+            kwargs.update(ignore_mismatched_sizes=True, output_loading_info=True)
+            _, info = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            lines = [
+                f"  {key}: checkpoint {tuple(a)} vs model {tuple(b)}" for key, a, b in info["mismatched_keys"]
+            ]
+            raise ValueError(
+                f"The checkpoint at {pretrained_model_name_or_path} does not fit this model's config; "
+                "mis-shaped tensors:\n"
+                + "\n".join(lines)
+                + "\nCheck that config.json belongs to these weights "
+                "(or pass ignore_mismatched_sizes=True to re-initialise them)."
+            ) from err
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, VLMambaMixer):
+            module.init_ssm_parameters()
+        elif isinstance(module, VLMambaVisionModel):
+            std = module.config.initializer_range
+            init.trunc_normal_(module.pos_embed, std=std)
+            if module.cls_token is not None:
+                init.trunc_normal_(module.cls_token, std=std)
+
+
+def _check_attention_mask(attention_mask: torch.Tensor | None, batch: int, seq_len: int, cache) -> None:
+    if attention_mask is None:
+        return
+    decoding = cache is not None and len(cache) > 0 and cache.has_previous_state()
+    if (
+        attention_mask.dim() != 2
+        or attention_mask.shape[0] != batch
+        or (attention_mask.shape[1] != seq_len and not decoding)
+    ):
+        raise ValueError(
+            f"attention_mask must have shape (batch, seq_len) = ({batch}, {seq_len}), got "
+            f"{tuple(attention_mask.shape)}. Pass the mask the tokenizer returned with input_ids."
+        )
+
+
+def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}.")
+    if input_ids.shape[1] == 0:
+        raise ValueError("Empty input: input_ids has no tokens. Give at least one token (e.g. a BOS token).")
+    if input_ids.device.type == "cpu" or input_ids.shape[1] > 1:
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"Token id {bad} is outside the vocabulary [0, {vocab_size}). Use the model's own tokenizer, "
+                "or resize the embeddings with `model.resize_token_embeddings(len(tokenizer))`."
+            )
+
+
+class VLMambaTextModel(VLMambaPreTrainedModel):
+    """The Mamba language-model backbone: embeddings -> Mamba blocks -> norm_f (transformers' key names)."""
+
+    config_class = MambaConfig
+    base_model_prefix = "backbone"
+
+    def __init__(self, config: MambaConfig):
+        validate_mamba_text_config(config)
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            [VLMambaBlock(config, layer_idx=i) for i in range(config.num_hidden_layers)]
+        )
+        self.norm_f = VLMambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> VLMambaModelOutput | tuple:
+        """input_ids (b, l) or inputs_embeds (b, l, d) -> last_hidden_state (b, l, d) and the cache."""
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            _check_input_ids(input_ids, self.config.vocab_size)
+            inputs_embeds = self.embeddings(input_ids)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[1] == 0:
+            raise ValueError(
+                f"inputs_embeds must have shape (batch, seq_len>0, hidden), got {inputs_embeds.shape}."
+            )
+        batch, seq_len = inputs_embeds.shape[:2]
+        _check_attention_mask(attention_mask, batch, seq_len, cache)
+        if attention_mask is not None and attention_mask.shape[1] != seq_len:
+            attention_mask = None  # decoding past the prompt: the state already holds the past
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if not use_cache:
+            cache = None
+
+        hidden_states = inputs_embeds
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, cache=cache, attention_mask=attention_mask)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        hidden_states = self.norm_f(hidden_states.to(self.norm_f.weight.dtype))
+        if output_hidden_states:
+            all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
+        if not return_dict:
+            return tuple(v for v in (hidden_states, cache, all_hidden_states) if v is not None)
+        return VLMambaModelOutput(
+            last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states
+        )
+
+
+def _lm_logits(lm_head: nn.Linear, hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor):
+    if isinstance(logits_to_keep, int):
+        hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
+    else:
+        hidden_states = hidden_states[:, logits_to_keep]
+    return lm_head(hidden_states.to(lm_head.weight.dtype)).float()
+
+
+class VLMambaForCausalLM(VLMambaPreTrainedModel, GenerationMixin):
+    """Text-only Mamba language model with tied LM head; loads `MambaForCausalLM` checkpoints unchanged."""
+
+    config_class = MambaConfig
+    base_model_prefix = "backbone"
+    _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
+
+    def __init__(self, config: MambaConfig):
+        super().__init__(config)
+        self.backbone = VLMambaTextModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.backbone.embeddings
+
+    def set_input_embeddings(self, value):
+        self.backbone.embeddings = value
+
+    def prepare_inputs_for_generation(
+        self, input_ids, cache=None, attention_mask=None, use_cache=None, is_first_iteration=False, **kwargs
+    ):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            cache=cache,
+            attention_mask=attention_mask,
+            use_cache=use_cache,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
+        if use_cache and not is_first_iteration:
+            model_inputs["attention_mask"] = None
+        return model_inputs
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        cache: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> VLMambaCausalLMOutput | tuple:
+        """Causal-LM forward: logits (b, l, vocab) and, with labels, the shifted cross-entropy loss."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.backbone(
+            input_ids,
+            inputs_embeds=inputs_embeds,
+            cache=cache,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            attention_mask=attention_mask,
+        )
+        logits = _lm_logits(self.lm_head, outputs.last_hidden_state, logits_to_keep)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
+            )
+        result = VLMambaCausalLMOutput(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        )
+        return result if return_dict else result.to_tuple()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Vision tower and bridger
+# ----------------------------------------------------------------------------------------------------------
+
+
+class VLMambaPatchEmbed(nn.Module):
+    """Non-overlapping patches -> features: Conv2d in encoder mode, Linear over flattened patches in fuyu mode."""
+
+    def __init__(self, config: VLMambaVisionConfig, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.patch_size = config.patch_size
+        self.num_channels = config.num_channels
+        p = config.patch_size
+        if mode == "encoder":
+            self.proj = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=p, stride=p)
+        else:
+            self.proj = nn.Linear(config.num_channels * p * p, config.hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """pixel_values (b, c, H, W) -> patches (b, H/p * W/p, Dv) in row-major order, and the grid (H/p, W/p)."""
+        b, c, height, width = pixel_values.shape
+        p = self.patch_size
+        grid = (height // p, width // p)
+        if self.mode == "encoder":
+            return self.proj(pixel_values).flatten(2).transpose(1, 2), grid
+        # Fuyu order: each patch flattened as (row, column, channel).
+        patches = pixel_values.reshape(b, c, grid[0], p, grid[1], p).permute(0, 2, 4, 3, 5, 1)
+        return self.proj(patches.reshape(b, grid[0] * grid[1], p * p * c)), grid
+
+
+class VLMambaVisionModel(VLMambaPreTrainedModel):
+    """Vision tower. Encoder mode: Vim (patch embed, mid class token, pos embed, bidirectional Mamba blocks,
+    final RMSNorm). Fuyu mode: one Linear over flattened patches plus the position embedding.
+    """
+
+    config_class = VLMambaVisionConfig
+    base_model_prefix = "vision_tower"
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: VLMambaVisionConfig, mode: str = "encoder"):
+        config.validate_architecture()
+        super().__init__(config)
+        if mode not in ("encoder", "fuyu"):
+            raise ValueError(f"vision mode must be 'encoder' or 'fuyu', got {mode!r}.")
+        self.mode = mode
+        self.patch_embed = VLMambaPatchEmbed(config, mode)
+        use_cls = mode == "encoder" and config.use_cls_token
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if use_cls else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + int(use_cls), config.hidden_size))
+        depth = config.num_hidden_layers if mode == "encoder" else 0
+        self.layers = nn.ModuleList([VLMambaBlock(config, i, bidirectional=True) for i in range(depth)])
+        self.norm_f = VLMambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon) if depth else None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def _position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The position embedding for a patch grid, bicubically interpolated when it differs from the config's."""
+        side = self.config.image_size // self.config.patch_size
+        pos = self.pos_embed
+        if grid == (side, side):
+            return pos
+        cls_pos = None
+        if self.cls_token is not None:
+            mid = side * side // 2
+            cls_pos = pos[:, mid : mid + 1]
+            pos = torch.cat([pos[:, :mid], pos[:, mid + 1 :]], dim=1)
+        pos = pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        pos = F.interpolate(pos.float(), size=grid, mode="bicubic", align_corners=False).to(
+            self.pos_embed.dtype
+        )
+        pos = pos.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
+        if cls_pos is not None:
+            mid = grid[0] * grid[1] // 2
+            pos = torch.cat([pos[:, :mid], cls_pos, pos[:, mid:]], dim=1)
+        return pos
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> VLMambaVisionOutput | tuple:
+        """pixel_values (b, c, H, W) -> features (b, n, Dv); n = patches (+1 class token in encoder mode)."""
+        check_pixel_values(pixel_values, self.config)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        dtype = self.patch_embed.proj.weight.dtype
+        x, grid = self.patch_embed(pixel_values.to(dtype))
+        if self.cls_token is not None:
+            mid = x.shape[1] // 2
+            x = torch.cat([x[:, :mid], self.cls_token.expand(x.shape[0], -1, -1), x[:, mid:]], dim=1)
+        x = x + self._position_embedding(grid)
+        hidden_states = (x,)
+        for layer in self.layers:
+            x = layer(x)
+            hidden_states += (x,)
+        if self.norm_f is not None:
+            x = self.norm_f(x.to(self.norm_f.weight.dtype))
+            hidden_states = hidden_states[:-1] + (x,)
+        out = VLMambaVisionOutput(
+            last_hidden_state=x, hidden_states=hidden_states if output_hidden_states else None
+        )
+        return out if return_dict else out.to_tuple()
+
+
+def check_pixel_values(pixel_values: torch.Tensor, config: VLMambaVisionConfig) -> None:
+    """Clear errors for pixel tensors the tower cannot take (the image processor produces valid ones)."""
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
+        shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+        raise ValueError(
+            f"pixel_values must be a tensor of shape (num_images, {config.num_channels}, height, width), got "
+            f"{shape}. Use the VLMambaImageProcessor to prepare images."
+        )
+    _, channels, height, width = pixel_values.shape
+    p = config.patch_size
+    if channels != config.num_channels:
+        raise ValueError(
+            f"pixel_values has {channels} channels, the vision tower expects {config.num_channels}."
+        )
+    if height < p or width < p or height % p or width % p:
+        raise ValueError(
+            f"Image size {height}x{width} is not a positive multiple of the patch size {p}. The image processor "
+            f"resizes images to {config.image_size}x{config.image_size}; use it, or resize to a multiple of {p}."
+        )
+    if pixel_values.is_floating_point() and not torch.isfinite(pixel_values).all():
+        raise ValueError(
+            "pixel_values contains NaN or infinite values; check the image decoding/normalisation."
+        )
+
+
+class VLMambaMultiModalProjector(nn.Module):
+    """The bridger: [LayerNorm] -> Linear(Dv, e*Dv) -> act -> Linear(e*Dv, Dt)."""
+
+    def __init__(self, config: VLMambaConfig):
+        super().__init__()
+        dv, dt = config.vision_config.hidden_size, config.text_config.hidden_size
+        hidden = config.projector_expansion * dv
+        self.norm = nn.LayerNorm(dv) if config.projector_layernorm else None
+        self.linear_1 = nn.Linear(dv, hidden, bias=config.projector_bias)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(hidden, dt, bias=config.projector_bias)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        if self.norm is not None:
+            image_features = self.norm(image_features)
+        return self.linear_2(self.act(self.linear_1(image_features)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The VLM
+# ----------------------------------------------------------------------------------------------------------
+
+
+class VLMambaModel(VLMambaPreTrainedModel):
+    """Vision tower + bridger + Mamba language model; image features replace the `<image>` token embeddings."""
+
+    config_class = VLMambaConfig
+
+    def __init__(self, config: VLMambaConfig):
+        super().__init__(config)
+        self.vision_tower = VLMambaVisionModel(config.vision_config, mode=config.vision_mode)
+        self.multi_modal_projector = VLMambaMultiModalProjector(config)
+        self.language_model = VLMambaTextModel(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.embeddings
+
+    def set_input_embeddings(self, value):
+        self.language_model.embeddings = value
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        """pixel_values (num_images, c, H, W) -> projected features (num_images, num_image_tokens, Dt)."""
+        out = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        layer = self.config.vision_feature_layer
+        features = out.hidden_states[layer] if self.config.vision_mode == "encoder" else out.last_hidden_state
+        tower = self.vision_tower
+        if tower.cls_token is not None and not self.config.vision_config.keep_cls_token:
+            mid = (features.shape[1] - 1) // 2
+            features = torch.cat([features[:, :mid], features[:, mid + 1 :]], dim=1)
+        return self.multi_modal_projector(features)
+
+    def _merge_image_features(
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor,
+        image_features: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor | None,
+    ):
+        """Write image features at the image-token positions; with none, prefix one image per sample."""
+        num_images, per_image, _ = image_features.shape
+        if input_ids is not None:
+            is_image = input_ids == self.config.image_token_id
+        else:
+            image_embed = self.get_input_embeddings().weight[self.config.image_token_id]
+            is_image = (inputs_embeds == image_embed.to(inputs_embeds.dtype)).all(-1)
+        n_tokens = int(is_image.sum())
+        if n_tokens == 0:
+            batch = inputs_embeds.shape[0]
+            if num_images != batch:
+                raise ValueError(
+                    f"The text has no image tokens and {num_images} images were given for a batch of {batch}: "
+                    "without image tokens each sample takes exactly one image, prefixed to its text. Put the "
+                    "processor's image token in the text to place images explicitly."
+                )
+            features = image_features.to(inputs_embeds.dtype)
+            inputs_embeds = torch.cat([features, inputs_embeds], dim=1)
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask.new_ones(batch, per_image), attention_mask], dim=1)
+            if labels is not None:
+                labels = torch.cat([labels.new_full((batch, per_image), -100), labels], dim=1)
+            return inputs_embeds, attention_mask, labels
+        if n_tokens != num_images * per_image:
+            raise ValueError(
+                f"The number of image tokens in the text ({n_tokens}) does not match the image features: "
+                f"{num_images} image(s) x {per_image} tokens = {num_images * per_image}. Prepare inputs with the "
+                "VLMambaProcessor, which expands each <image> into exactly that many tokens."
+            )
+        inputs_embeds = inputs_embeds.masked_scatter(
+            is_image[..., None].expand_as(inputs_embeds), image_features.to(inputs_embeds.dtype)
+        )
+        if labels is not None:
+            labels = labels.masked_fill(is_image, -100)
+        return inputs_embeds, attention_mask, labels
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs,
+    ):
+        """Fuse images into the token sequence and run the language model. Returns (output, labels)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        text_config = self.config.text_config
+        if inputs_embeds is None:
+            _check_input_ids(input_ids, text_config.vocab_size)
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        prefill = cache is None or len(cache) == 0 or not cache.has_previous_state()
+        image_features = None
+        if pixel_values is not None and prefill:
+            image_features = self.get_image_features(pixel_values)
+            inputs_embeds, attention_mask, labels = self._merge_image_features(
+                input_ids, inputs_embeds, image_features, attention_mask, labels
+            )
+        elif prefill and input_ids is not None and bool((input_ids == self.config.image_token_id).any()):
+            raise ValueError(
+                "input_ids contain image tokens but no pixel_values were given. Pass the image(s) with "
+                "pixel_values, or remove the <image> tokens from the text."
+            )
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            cache=cache,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            attention_mask=attention_mask,
+        )
+        outputs.image_hidden_states = image_features
+        return outputs, labels
+
+
+class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
+    """VLMamba for image-text-to-text: captioning and VQA with `generate()` on a recurrent-state cache."""
+
+    config_class = VLMambaConfig
+    base_model_prefix = "model"
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embeddings.weight"}
+
+    def __init__(self, config: VLMambaConfig):
+        super().__init__(config)
+        self.model = VLMambaModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values)
+
+    @property
+    def vision_tower(self):
+        return self.model.vision_tower
+
+    @property
+    def multi_modal_projector(self):
+        return self.model.multi_modal_projector
+
+    @property
+    def language_model(self):
+        return self.model.language_model
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids,
+        cache=None,
+        attention_mask=None,
+        pixel_values=None,
+        use_cache=None,
+        is_first_iteration=False,
+        **kwargs,
+    ):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            cache=cache,
+            attention_mask=attention_mask,
+            use_cache=use_cache,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
+        if is_first_iteration or not use_cache:
+            model_inputs["pixel_values"] = pixel_values
+        else:
+            model_inputs["pixel_values"] = None
+            model_inputs["attention_mask"] = None
+        return model_inputs
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> VLMambaCausalLMOutput | tuple:
+        """logits (b, l, vocab) for text with images fused at `<image>` tokens; loss ignores image positions."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs, labels = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            labels=labels,
+        )
+        logits = _lm_logits(self.lm_head, outputs.last_hidden_state, logits_to_keep)
+        loss = None
+        if labels is not None:
+            vocab = self.config.text_config.vocab_size
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab, **kwargs)
+        result = VLMambaCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+        return result if return_dict else result.to_tuple()
+
+
+__all__ = [
+    "VLMambaPreTrainedModel",
+    "VLMambaTextModel",
+    "VLMambaForCausalLM",
+    "VLMambaVisionModel",
+    "VLMambaMultiModalProjector",
+    "VLMambaModel",
+    "VLMambaForConditionalGeneration",
+    "VLMambaMixer",
+    "VLMambaBiMixer",
+    "VLMambaBlock",
+]
