@@ -2,13 +2,17 @@
 
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
+    AutoProcessor,
     MambaConfig,
 )
 
+from .compat import BridgerConfig, LanguageConfig, LoRAConfig, VisionConfig, VLMamba
 from .configuration_vlm_mamba import VLMambaConfig, VLMambaVisionConfig
+from .image_processing_vlm_mamba import VLMambaImageProcessor
 from .modeling_vlm_mamba import (
     VLMambaForCausalLM,
     VLMambaForConditionalGeneration,
@@ -17,6 +21,7 @@ from .modeling_vlm_mamba import (
     VLMambaTextModel,
     VLMambaVisionModel,
 )
+from .processing_vlm_mamba import VLMambaProcessor
 
 __version__ = "0.1.0"
 
@@ -29,11 +34,28 @@ def _register() -> None:
     AutoModel.register(VLMambaVisionConfig, VLMambaVisionModel, exist_ok=True)
     AutoModelForImageTextToText.register(VLMambaConfig, VLMambaForConditionalGeneration, exist_ok=True)
     AutoModelForCausalLM.register(VLMambaConfig, VLMambaForConditionalGeneration, exist_ok=True)
+    try:
+        from transformers import AutoModelForMultimodalLM
+    except ImportError:  # older transformers: the class does not exist
+        pass
+    else:
+        AutoModelForMultimodalLM.register(VLMambaConfig, VLMambaForConditionalGeneration, exist_ok=True)
+    AutoImageProcessor.register(
+        VLMambaConfig, image_processor_classes={"pil": VLMambaImageProcessor}, exist_ok=True
+    )
+    AutoProcessor.register(VLMambaConfig, VLMambaProcessor, exist_ok=True)
 
 
 _register()
 
 __all__ = [
+    "BridgerConfig",
+    "LanguageConfig",
+    "LoRAConfig",
+    "VisionConfig",
+    "VLMamba",
+    "VLMambaImageProcessor",
+    "VLMambaProcessor",
     "MambaConfig",
     "VLMambaConfig",
     "VLMambaVisionConfig",

@@ -6,6 +6,7 @@ config of a `state-spaces/mamba-*-hf` checkpoint drops in unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
@@ -195,9 +196,24 @@ class VLMambaConfig(PreTrainedConfig):
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
+        if any(key in kwargs for key in ("vision", "language", "bridger")):
+            # The seed's quick-start arguments (vlm_mamba_hf.compat): translate to this config's fields.
+            from .compat import seed_kwargs_to_hf
+
+            translated = seed_kwargs_to_hf(kwargs)
+            for key in ("vision_config", "text_config", "projector_expansion", "image_token_id"):
+                if key in translated:
+                    setattr(self, key, translated.pop(key))
         super().__post_init__(**kwargs)
         # transformers keeps tie_word_embeddings on the text config for text-only loading; mirror it.
         self.text_config.tie_word_embeddings = self.tie_word_embeddings
+
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        lora = output.get("lora")
+        if dataclasses.is_dataclass(lora):  # the seed's LoRAConfig, set as `config.lora`
+            output["lora"] = dataclasses.asdict(lora)
+        return output
 
     @property
     def num_image_tokens(self) -> int:
