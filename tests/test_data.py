@@ -1,0 +1,246 @@
+"""Tests of the shape-scene generator and the easy-VQA loader."""
+
+import re
+import sys
+import time
+from collections import Counter
+
+import pytest
+from PIL import Image
+
+from vlm_mamba_hf.data.easy_vqa import EasyVQADataset, easy_vqa_answers
+from vlm_mamba_hf.data.shapes import (
+    COLORS,
+    HELDOUT_PAIRS,
+    NUMBER_WORDS,
+    POSITIONS,
+    SHAPES,
+    SPLITS,
+    ShapesDataset,
+    make_shapes_split,
+)
+
+_POSITION_TO_CELL = {name: cell for cell, name in POSITIONS.items()}
+_OBJECT_PHRASE = re.compile(
+    r"an? (?P<color>\w+) (?P<shape>\w+) (?:on|in|at) the (?P<position>top left|top right|bottom left|"
+    r"bottom right|top|bottom|left|right|center)"
+)
+
+
+def _scene_key(scene):
+    return scene["caption"], scene["qa"], scene["objects"], scene["image"].tobytes()
+
+
+def test_same_seed_gives_identical_scenes():
+    first = make_shapes_split("train", 50, seed=3)
+    second = make_shapes_split("train", 50, seed=3)
+    assert [_scene_key(s) for s in first] == [_scene_key(s) for s in second]
+
+
+def test_different_seed_or_split_gives_different_scenes():
+    base = [s["caption"] for s in make_shapes_split("train", 50, seed=0)]
+    assert base != [s["caption"] for s in make_shapes_split("train", 50, seed=1)]
+    assert base != [s["caption"] for s in make_shapes_split("test", 50, seed=0)]
+
+
+def test_first_scenes_do_not_depend_on_n():
+    short = make_shapes_split("val", 10, seed=7)
+    long = make_shapes_split("val", 100, seed=7)
+    assert [_scene_key(s) for s in short] == [_scene_key(s) for s in long[:10]]
+
+
+def test_scene_content_does_not_depend_on_image_size():
+    small = make_shapes_split("train", 30, seed=0, image_size=32)
+    large = make_shapes_split("train", 30, seed=0, image_size=224)
+    assert [s["caption"] for s in small] == [s["caption"] for s in large]
+    assert large[0]["image"].size == (224, 224)
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_heldout_pairs_never_drawn_or_named_outside_heldout(split):
+    scenes = make_shapes_split(split, 2000, seed=0)
+    named = [f"{c} {s}" for c, s in HELDOUT_PAIRS]
+    for scene in scenes:
+        assert not {(o["color"], o["shape"]) for o in scene["objects"]} & HELDOUT_PAIRS
+        texts = [scene["caption"]] + [f"{q} {a}" for q, a in scene["qa"]]
+        assert not [t for t in texts for pair in named if pair in t]
+
+
+def test_every_heldout_scene_draws_a_heldout_pair():
+    for scene in make_shapes_split("heldout", 500, seed=0):
+        assert {(o["color"], o["shape"]) for o in scene["objects"]} & HELDOUT_PAIRS
+
+
+def test_train_shows_every_colour_and_shape_of_the_heldout_pairs():
+    pairs = {(o["color"], o["shape"]) for s in make_shapes_split("train", 1000, seed=0) for o in s["objects"]}
+    assert {c for c, _ in pairs} == set(COLORS)
+    assert {s for _, s in pairs} == set(SHAPES)
+    assert len(pairs) == len(COLORS) * len(SHAPES) - len(HELDOUT_PAIRS)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+@pytest.mark.parametrize("image_size", [32, 64, 96])
+def test_pixel_at_each_object_centre_has_its_named_colour(split, image_size):
+    for scene in make_shapes_split(split, 100, seed=1, image_size=image_size):
+        for obj in scene["objects"]:
+            assert scene["image"].getpixel(obj["center"]) == COLORS[obj["color"]]
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_caption_names_drawn_objects_in_reading_order(split):
+    for scene in make_shapes_split(split, 300, seed=2):
+        size = scene["image"].width
+        drawn = []
+        for obj in scene["objects"]:
+            x, y = obj["center"]
+            cell = (y * 3 // size, x * 3 // size)
+            drawn.append((cell, obj["color"], obj["shape"]))
+        described = [
+            (_POSITION_TO_CELL[m["position"]], m["color"], m["shape"])
+            for m in _OBJECT_PHRASE.finditer(scene["caption"])
+        ]
+        assert described == sorted(drawn), scene["caption"]
+        assert len({cell for cell, _, _ in drawn}) == len(drawn)
+        assert scene["caption"].endswith(".")
+
+
+def _answer_from_objects(question, objects):
+    shape_counts = Counter(o["shape"] for o in objects)
+    by_position = {o["position"]: o for o in objects}
+    if question == "how many shapes are there?":
+        return NUMBER_WORDS[len(objects)]
+    if m := re.fullmatch(r"how many (\w+)s are there\?", question):
+        return NUMBER_WORDS[shape_counts[m[1]]]
+    if m := re.fullmatch(r"what color is the (\w+)\?", question):
+        assert shape_counts[m[1]] == 1, "asked the colour of a shape that is not unique"
+        return next(o["color"] for o in objects if o["shape"] == m[1])
+    if m := re.fullmatch(r"what (shape|color) is (?:the shape )?(?:on|in|at) the ([\w ]+)\?", question):
+        return by_position[m[2]][m[1]]
+    if m := re.fullmatch(r"is there an? (\w+) (\w+)\?", question):
+        return "yes" if (m[1], m[2]) in {(o["color"], o["shape"]) for o in objects} else "no"
+    raise AssertionError(f"unrecognised question {question!r}")
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_qa_answers_agree_with_objects(split):
+    answers = Counter()
+    for scene in make_shapes_split(split, 300, seed=4):
+        for question, answer in scene["qa"]:
+            assert answer == _answer_from_objects(question, scene["objects"]), question
+            answers[answer] += 1
+    assert answers["yes"] == answers["no"]
+
+
+def test_thousand_scenes_generate_in_a_couple_of_seconds():
+    start = time.perf_counter()
+    make_shapes_split("train", 1000, seed=0)
+    # About 0.2 s on one core; the bound leaves room for a loaded machine.
+    assert time.perf_counter() - start < 3.0
+
+
+def test_dataset_caption_task_gives_one_example_per_scene():
+    dataset = ShapesDataset("train", n=20, seed=0, task="caption")
+    assert len(dataset) == 20
+    example = dataset[5]
+    assert set(example) == {"image", "prompt", "answer"}
+    assert example["prompt"] == "Describe the image."
+    assert example["answer"] == dataset.scenes[5]["caption"]
+    assert isinstance(example["image"], Image.Image)
+
+
+def test_dataset_vqa_task_gives_one_example_per_question():
+    dataset = ShapesDataset("test", n=20, seed=0, task="vqa")
+    flat = [(q, a) for s in dataset.scenes for q, a in s["qa"]]
+    assert len(dataset) == len(flat)
+    assert [(dataset[i]["prompt"], dataset[i]["answer"]) for i in range(len(dataset))] == flat
+
+
+def test_dataset_mixed_task_concatenates_caption_and_vqa():
+    mixed = ShapesDataset("train", n=10, seed=0, task="mixed", caption_prompt="")
+    vqa = ShapesDataset("train", n=10, seed=0, task="vqa")
+    assert len(mixed) == 10 + len(vqa)
+    assert mixed[0]["prompt"] == ""
+
+
+def test_unknown_split_or_task_is_rejected():
+    with pytest.raises(ValueError, match="Unknown split"):
+        make_shapes_split("training", 1, seed=0)
+    with pytest.raises(ValueError, match="Unknown task"):
+        ShapesDataset(task="detection")
+
+
+def test_easy_vqa_counts_match_the_package():
+    easy_vqa = pytest.importorskip("easy_vqa")
+    for split, num_questions, paths in [
+        ("train", 38575, easy_vqa.get_train_image_paths()),
+        ("test", 9673, easy_vqa.get_test_image_paths()),
+    ]:
+        dataset = EasyVQADataset(split)
+        assert dataset.skipped == 0
+        assert len(dataset) == num_questions
+        assert dataset.num_images == len(paths) == {"train": 4000, "test": 1000}[split]
+        assert {e["answer"] for e in dataset.examples} == set(easy_vqa_answers())
+
+
+def test_easy_vqa_has_thirteen_answers():
+    pytest.importorskip("easy_vqa")
+    assert len(set(easy_vqa_answers())) == 13
+
+
+def test_easy_vqa_example_has_rgb_image_question_and_answer():
+    pytest.importorskip("easy_vqa")
+    example = EasyVQADataset("test", limit=5, seed=0)[0]
+    assert example["image"].mode == "RGB" and example["image"].size == (64, 64)
+    assert example["question"].endswith("?")
+    assert example["answer"] in easy_vqa_answers()
+
+
+def test_easy_vqa_limit_subsamples_deterministically():
+    pytest.importorskip("easy_vqa")
+    first = EasyVQADataset("train", limit=200, seed=1)
+    again = EasyVQADataset("train", limit=200, seed=1)
+    other = EasyVQADataset("train", limit=200, seed=2)
+    questions = [(e["image_id"], e["question"]) for e in first.examples]
+    assert len(first) == 200
+    assert questions == [(e["image_id"], e["question"]) for e in again.examples]
+    assert questions != [(e["image_id"], e["question"]) for e in other.examples]
+
+
+class _FakeEasyVQA:
+    """Stands in for the easy_vqa package: three images, one of them not a PNG, one id without a file."""
+
+    def __init__(self, directory):
+        self.paths = {}
+        for image_id in (0, 1):
+            path = directory / f"{image_id}.png"
+            Image.new("RGB", (64, 64), (255, 0, 0)).save(path)
+            self.paths[image_id] = str(path)
+        broken = directory / "2.png"
+        broken.write_bytes(b"not a png")
+        self.paths[2] = str(broken)
+
+    def get_train_questions(self):
+        texts = ["what color is the shape?", "is there a circle?", "what shape is it?", "is it red?", "q5?"]
+        return texts, ["red", "no", "circle", "yes", "no"], [0, 1, 2, 2, 3]
+
+    def get_train_image_paths(self):
+        return dict(self.paths)
+
+    def get_answers(self):
+        return ["red", "yes", "no", "circle"]
+
+
+def test_easy_vqa_skips_and_counts_unreadable_images(monkeypatch, tmp_path, caplog):
+    monkeypatch.setitem(sys.modules, "easy_vqa", _FakeEasyVQA(tmp_path))
+    with caplog.at_level("WARNING", logger="vlm_mamba_hf.data.easy_vqa"):
+        dataset = EasyVQADataset("train")
+    assert dataset.skipped == 2
+    assert dataset.skipped_questions == 3
+    assert [e["image_id"] for e in dataset.examples] == [0, 1]
+    assert "skipped 2 image(s)" in caplog.text
+
+
+def test_easy_vqa_without_package_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "easy_vqa", None)
+    with pytest.raises(ImportError, match=re.escape('pip install "vlm-mamba-hf[data]"')):
+        EasyVQADataset("train")

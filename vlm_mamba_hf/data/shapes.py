@@ -1,0 +1,232 @@
+"""Procedurally drawn shape scenes with template captions and QA pairs, deterministic by seed.
+
+A scene is a small square image with a plain background and 1-3 filled shapes, each in its own cell of
+a 3x3 grid, so that every object has an unambiguous position phrase ("at the top left", "in the
+center", "on the right", ...). Captions list the objects in reading order of their cells (row by row,
+left to right), which makes each scene's caption canonical and exact-match evaluation meaningful.
+
+Held-out split ("heldout"): the (colour, shape) pairs in ``HELDOUT_PAIRS`` (red square, green triangle,
+blue circle) never appear in "train", "val" or "test", neither drawn nor named in a caption or a
+question. Every "heldout" scene draws at least one of them. Each held-out colour and shape still
+appears in training with other partners, so the split measures compositional generalisation: the
+model knows "red" and "square" but has never seen a red square.
+
+The space of captions is small, so the same caption (with a different image: jittered positions,
+sizes and background) can appear in both "train" and "test"; only "heldout" is disjoint by design.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Any
+
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (240, 210, 30),
+    "purple": (140, 50, 180),
+    "orange": (245, 135, 20),
+}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (255, 255, 255),
+    "gray": (128, 128, 128),
+    "black": (0, 0, 0),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+
+HELDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
+    {("red", "square"), ("green", "triangle"), ("blue", "circle")}
+)
+ALL_PAIRS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLORS for s in SHAPES)
+TRAIN_PAIRS: tuple[tuple[str, str], ...] = tuple(p for p in ALL_PAIRS if p not in HELDOUT_PAIRS)
+
+SPLITS: tuple[str, ...] = ("train", "val", "test", "heldout")
+
+# Cell (row, col) of the 3x3 grid -> position name, as used in questions and captions.
+POSITIONS: dict[tuple[int, int], str] = {
+    (0, 0): "top left",
+    (0, 1): "top",
+    (0, 2): "top right",
+    (1, 0): "left",
+    (1, 1): "center",
+    (1, 2): "right",
+    (2, 0): "bottom left",
+    (2, 1): "bottom",
+    (2, 2): "bottom right",
+}
+_PREPOSITIONS = {"left": "on the", "right": "on the", "center": "in the"}
+
+NUMBER_WORDS: tuple[str, ...] = tuple("zero one two three four five six seven eight nine".split())
+
+CAPTION_PROMPT = "Describe the image."
+
+# Shape extent as a fraction of a grid cell; the rest of the cell is room for position jitter.
+_MIN_EXTENT, _MAX_EXTENT = 0.55, 0.85
+_MIN_IMAGE_SIZE = 24
+
+
+def position_phrase(position: str) -> str:
+    """The prepositional phrase for a position name: "left" -> "on the left", "top" -> "at the top"."""
+    return f"{_PREPOSITIONS.get(position, 'at the')} {position}"
+
+
+def _plural(shape: str) -> str:
+    return shape + "s"
+
+
+def _with_article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def caption_for(objects: list[dict[str, Any]]) -> str:
+    """Canonical caption of a scene: objects in reading order of their grid cells."""
+    ordered = sorted(objects, key=lambda o: (o["row"], o["col"]))
+    parts = [f"{_with_article(o['color'])} {o['shape']} {position_phrase(o['position'])}" for o in ordered]
+    if len(parts) == 1:
+        text = parts[0]
+    else:
+        text = ", ".join(parts[:-1]) + " and " + parts[-1]
+    return text + "."
+
+
+def questions_for(
+    objects: list[dict[str, Any]], rng: random.Random, negative_pairs: tuple[tuple[str, str], ...]
+) -> list[tuple[str, str]]:
+    """Template QA pairs answerable from the objects; absent pairs for "no" answers come from negative_pairs."""
+    ordered = sorted(objects, key=lambda o: (o["row"], o["col"]))
+    shape_counts = Counter(o["shape"] for o in ordered)
+    qa = [("how many shapes are there?", NUMBER_WORDS[len(ordered)])]
+    qa += [(f"how many {_plural(s)} are there?", NUMBER_WORDS[shape_counts[s]]) for s in SHAPES]
+    qa += [(f"what color is the {o['shape']}?", o["color"]) for o in ordered if shape_counts[o["shape"]] == 1]
+    for o in ordered:
+        phrase = position_phrase(o["position"])
+        qa.append((f"what shape is {phrase}?", o["shape"]))
+        qa.append((f"what color is the shape {phrase}?", o["color"]))
+    # As many "no" as "yes" existence questions; listed in palette order so the order is canonical.
+    present = {(o["color"], o["shape"]) for o in ordered}
+    absent = [p for p in negative_pairs if p not in present]
+    asked = {p: "yes" for p in present}
+    asked.update({p: "no" for p in rng.sample(absent, min(len(present), len(absent)))})
+    qa += [(f"is there {_with_article(c)} {s}?", asked[(c, s)]) for c, s in ALL_PAIRS if (c, s) in asked]
+    return qa
+
+
+def _draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, cx: int, cy: int, half: int, fill: tuple[int, int, int]
+) -> None:
+    box = (cx - half, cy - half, cx + half, cy + half)
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "triangle":
+        # Apex up; the box centre (cx, cy) lies inside (the half-width there is half / 2).
+        draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=fill)
+    else:
+        raise ValueError(f"Unknown shape {shape!r}; expected one of {SHAPES}.")
+
+
+def _sample_scene(
+    rng: random.Random, heldout: bool, image_size: int, min_objects: int, max_objects: int
+) -> dict[str, Any]:
+    n_objects = rng.randint(min_objects, max_objects)
+    cells = rng.sample(sorted(POSITIONS), n_objects)
+    background = rng.choice(sorted(BACKGROUNDS))
+    cell_size = image_size / 3
+    image = Image.new("RGB", (image_size, image_size), BACKGROUNDS[background])
+    draw = ImageDraw.Draw(image)
+    objects = []
+    for i, (row, col) in enumerate(cells):
+        pool = sorted(HELDOUT_PAIRS) if heldout and i == 0 else (ALL_PAIRS if heldout else TRAIN_PAIRS)
+        color, shape = rng.choice(pool)
+        # Geometry is drawn in cell units, so a seed gives the same scene at every image size.
+        extent = rng.uniform(_MIN_EXTENT, _MAX_EXTENT)
+        slack = (1.0 - extent) / 2
+        cx = round((col + 0.5 + rng.uniform(-slack, slack)) * cell_size)
+        cy = round((row + 0.5 + rng.uniform(-slack, slack)) * cell_size)
+        half = max(1, int(extent * cell_size / 2))
+        _draw_shape(draw, shape, cx, cy, half, COLORS[color])
+        objects.append(
+            {
+                "shape": shape,
+                "color": color,
+                "row": row,
+                "col": col,
+                "position": POSITIONS[(row, col)],
+                "center": (cx, cy),
+                "size": 2 * half,
+            }
+        )
+    objects.sort(key=lambda o: (o["row"], o["col"]))
+    negatives = ALL_PAIRS if heldout else TRAIN_PAIRS
+    return {
+        "image": image,
+        "caption": caption_for(objects),
+        "qa": questions_for(objects, rng, negatives),
+        "objects": objects,
+        "background": background,
+    }
+
+
+def make_shapes_split(
+    split: str, n: int, seed: int, image_size: int = 64, min_objects: int = 1, max_objects: int = 3
+) -> list[dict[str, Any]]:
+    """Draw n scenes of a split: dicts {"image", "caption", "qa", "objects", "background"}.
+
+    The same (split, seed) always gives the same scenes, and the first k scenes do not depend on n.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}; expected one of {SPLITS}.")
+    if n < 0:
+        raise ValueError(f"n must be non-negative, got {n}.")
+    if image_size < _MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be at least {_MIN_IMAGE_SIZE} pixels, got {image_size}.")
+    if not 1 <= min_objects <= max_objects <= len(POSITIONS):
+        raise ValueError(
+            f"Need 1 <= min_objects <= max_objects <= {len(POSITIONS)}, got {min_objects} and {max_objects}."
+        )
+    # A string seed is hashed with SHA-512 by `random`, so it is stable across processes and platforms.
+    rng = random.Random(f"vlm_mamba_hf.shapes/{split}/{seed}")
+    heldout = split == "heldout"
+    return [_sample_scene(rng, heldout, image_size, min_objects, max_objects) for _ in range(n)]
+
+
+class ShapesDataset(Dataset):
+    """Shape scenes as {"image", "prompt", "answer"} examples for captioning, VQA or both.
+
+    task="caption": one example per scene, prompt `caption_prompt`, answer the caption.
+    task="vqa": one example per QA pair, prompt the question, answer the short answer.
+    task="mixed": the caption examples followed by the VQA examples.
+    """
+
+    TASKS = ("caption", "vqa", "mixed")
+
+    def __init__(
+        self,
+        split: str = "train",
+        n: int = 1000,
+        seed: int = 0,
+        image_size: int = 64,
+        task: str = "caption",
+        caption_prompt: str = CAPTION_PROMPT,
+    ) -> None:
+        if task not in self.TASKS:
+            raise ValueError(f"Unknown task {task!r}; expected one of {self.TASKS}.")
+        self.scenes = make_shapes_split(split, n, seed, image_size)
+        self.examples: list[tuple[int, str, str]] = []
+        if task in ("caption", "mixed"):
+            self.examples += [(i, caption_prompt, s["caption"]) for i, s in enumerate(self.scenes)]
+        if task in ("vqa", "mixed"):
+            self.examples += [(i, q, a) for i, s in enumerate(self.scenes) for q, a in s["qa"]]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        scene_index, prompt, answer = self.examples[index]
+        return {"image": self.scenes[scene_index]["image"], "prompt": prompt, "answer": answer}
