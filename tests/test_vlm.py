@@ -1,0 +1,461 @@
+"""The VLM: vision tower, bridger, image-token fusion, Auto classes, save/load and the pipeline."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_lively, tiny_text_config
+from PIL import Image
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, pipeline
+
+from vlm_mamba_hf import (
+    BridgerConfig,
+    LanguageConfig,
+    LoRAConfig,
+    VisionConfig,
+    VLMamba,
+    VLMambaConfig,
+    VLMambaForConditionalGeneration,
+    VLMambaImageProcessor,
+    VLMambaProcessor,
+    VLMambaVisionConfig,
+    VLMambaVisionModel,
+)
+from vlm_mamba_hf.tokenizer_utils import build_tokenizer
+
+LOGITS_ATOL_FP32 = 1e-4
+WORDS = (
+    "a red green blue circle square triangle what color is the shape on left right how many are there yes no"
+)
+
+
+def tiny_vision_config(**overrides) -> VLMambaVisionConfig:
+    kwargs = dict(image_size=32, patch_size=8, hidden_size=24, num_hidden_layers=2, state_size=4)
+    kwargs.update(overrides)
+    return VLMambaVisionConfig(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer([WORDS] * 20, vocab_size=300)
+
+
+def tiny_vlm_config(tokenizer, **overrides) -> VLMambaConfig:
+    text = tiny_text_config(
+        vocab_size=len(tokenizer),
+        hidden_size=40,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    kwargs = dict(
+        vision_config=tiny_vision_config(), text_config=text, image_token_id=tokenizer.image_token_id
+    )
+    kwargs.update(overrides)
+    return VLMambaConfig(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    return make_lively(VLMambaForConditionalGeneration(tiny_vlm_config(tokenizer)))
+
+
+@pytest.fixture(scope="module")
+def processor(tokenizer, model):
+    image_processor = VLMambaImageProcessor(size={"height": 32, "width": 32})
+    return VLMambaProcessor(image_processor, tokenizer, image_seq_length=model.config.num_image_tokens)
+
+
+def random_image(seed: int, size: int = 32) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def _inputs(processor, texts, images):
+    return processor(images=images, text=texts, return_tensors="pt")
+
+
+# --- vision tower -----------------------------------------------------------------------------------------
+
+
+def test_encoder_features_depend_on_later_patches():
+    torch.manual_seed(0)
+    tower = VLMambaVisionModel(tiny_vision_config(use_cls_token=False)).eval()
+    with (
+        torch.no_grad()
+    ):  # larger inputs, B, C and steps so the state, not only the short conv, carries information
+        for layer in tower.layers:
+            layer.mixer.in_proj.weight.mul_(10)
+            for suffix in ("", "_b"):
+                getattr(layer.mixer, "x_proj" + suffix).weight.mul_(50)
+                getattr(layer.mixer, "dt_proj" + suffix).bias.fill_(-2.25)  # softplus -> dt = 0.1
+    pixels = torch.randn(1, 3, 32, 32)
+    changed = pixels.clone()
+    changed[..., 24:, 24:] += 1.0  # the last patch only
+    with torch.no_grad():
+        before = tower(pixels).last_hidden_state
+        after = tower(changed).last_hidden_state
+    # Patch 0 is 15 positions away: beyond the reach of the convolutions (2 layers x 3), so only the
+    # backward scan can carry the change there.
+    assert (before[:, 0] - after[:, 0]).abs().max() > 1e-2
+
+
+def test_fuyu_mode_has_no_mamba_layer_and_is_patch_local(tokenizer):
+    model = VLMambaForConditionalGeneration(tiny_vlm_config(tokenizer, vision_mode="fuyu"))
+    tower = model.model.vision_tower
+    assert len(tower.layers) == 0
+    assert not any("mixer" in name for name, _ in tower.named_modules())
+    pixels = torch.randn(1, 3, 32, 32)
+    changed = pixels.clone()
+    changed[..., 24:, 24:] += 1.0
+    with torch.no_grad():
+        before, after = tower(pixels).last_hidden_state, tower(changed).last_hidden_state
+    torch.testing.assert_close(before[:, :-1], after[:, :-1])
+    assert (before[:, -1] - after[:, -1]).abs().max() > 1e-4
+
+
+def test_fuyu_patch_projection_is_one_linear_over_flattened_patches(tokenizer):
+    tower = VLMambaVisionModel(tiny_vision_config(), mode="fuyu")
+    pixels = torch.randn(2, 3, 32, 32)
+    patch = pixels[:, :, 8:16, 0:8].permute(0, 2, 3, 1).reshape(2, -1)  # row 1, column 0 -> index 4
+    expected = tower.patch_embed.proj(patch) + tower.pos_embed[0, 4]
+    with torch.no_grad():
+        torch.testing.assert_close(tower(pixels).last_hidden_state[:, 4], expected.detach())
+
+
+def test_class_token_sits_in_the_middle_and_is_dropped_or_kept(tokenizer):
+    assert tiny_vlm_config(tokenizer).num_image_tokens == 16
+    config = tiny_vlm_config(tokenizer, vision_config=tiny_vision_config(keep_cls_token=True))
+    assert config.num_image_tokens == 17
+    model = VLMambaForConditionalGeneration(config)
+    with torch.no_grad():
+        features = model.get_image_features(torch.randn(2, 3, 32, 32))
+    assert features.shape == (2, 17, config.text_config.hidden_size)
+
+
+def test_position_embedding_is_interpolated_for_another_size():
+    torch.manual_seed(0)
+    tower = VLMambaVisionModel(tiny_vision_config())
+    with torch.no_grad():
+        out = tower(torch.randn(1, 3, 48, 64)).last_hidden_state
+        same = tower._position_embedding((4, 4))
+    assert out.shape == (1, 6 * 8 + 1, 24)
+    torch.testing.assert_close(same, tower.pos_embed)
+
+
+def test_vision_feature_layer_selects_hidden_state(tokenizer):
+    torch.manual_seed(0)
+    config = tiny_vlm_config(
+        tokenizer, vision_feature_layer=1, vision_config=tiny_vision_config(use_cls_token=False)
+    )
+    model = VLMambaForConditionalGeneration(config).eval()
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+        expected = model.model.multi_modal_projector(hidden[1])
+        torch.testing.assert_close(model.get_image_features(pixels), expected)
+
+
+def test_bridger_maps_vision_width_to_text_width(tokenizer):
+    config = tiny_vlm_config(tokenizer, projector_expansion=3, projector_layernorm=True)
+    projector = VLMambaForConditionalGeneration(config).model.multi_modal_projector
+    assert projector.linear_1.in_features == 24 and projector.linear_1.out_features == 72
+    assert projector.linear_2.out_features == 40 and projector.norm is not None
+
+
+# --- fusion and generation ---------------------------------------------------------------------------------
+
+
+def test_image_features_land_exactly_at_image_token_positions(model, processor):
+    inputs = _inputs(processor, ["what color is the shape <image> on the left"], [random_image(0)])
+    ids = inputs["input_ids"][0]
+    first_image = int((ids == model.config.image_token_id).nonzero()[0])
+    other = _inputs(processor, ["what color is the shape <image> on the left"], [random_image(1)])
+    with torch.no_grad():
+        a = model(**inputs).logits
+        b = model(**other).logits
+    torch.testing.assert_close(a[:, :first_image], b[:, :first_image], atol=0, rtol=0)
+    assert (a[:, first_image:] - b[:, first_image:]).abs().max() > 1e-4
+    with torch.no_grad():
+        features = model.get_image_features(inputs["pixel_values"])
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+    mask = inputs["input_ids"] == model.config.image_token_id
+    embeds[mask] = features.reshape(-1, features.shape[-1])
+    with torch.no_grad():
+        from_embeds = model.model.language_model(inputs_embeds=embeds).last_hidden_state
+        expected = model.lm_head(from_embeds)
+    torch.testing.assert_close(a, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [dict(do_sample=False), dict(do_sample=False, num_beams=3, num_return_sequences=2)],
+    ids=["greedy", "beam"],
+)
+def test_cached_generation_matches_recompute_with_images(model, processor, mode):
+    inputs = _inputs(processor, ["<image> what color is the shape"], [random_image(2)])
+    kwargs = dict(max_new_tokens=10, min_new_tokens=10, **mode)
+    cached = model.generate(**inputs, use_cache=True, **kwargs)
+    recomputed = model.generate(**inputs, use_cache=False, **kwargs)
+    assert len(set(cached[0, -10:].tolist())) > 2
+    assert torch.equal(cached, recomputed)
+
+
+def test_left_padded_batch_of_two_images_equals_each_alone(model, processor):
+    texts = ["<image> what color is the shape on the left", "<image> how many"]
+    images = [random_image(3), random_image(4)]
+    batch = _inputs(processor, texts, images)
+    assert batch["attention_mask"][1, 0] == 0  # left padding
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    together = model.generate(**batch, **kwargs)[:, -8:]
+    for row, (text, image) in enumerate(zip(texts, images)):
+        alone = model.generate(**_inputs(processor, [text], [image]), **kwargs)[:, -8:]
+        assert torch.equal(together[row], alone[0])
+
+
+def test_text_without_image_token_gets_image_prefixed(model, tokenizer):
+    ids = torch.tensor(tokenizer(["what color is the shape"])["input_ids"])
+    pixels = torch.randn(1, 3, 32, 32)
+    n = model.config.num_image_tokens
+    with torch.no_grad():
+        prefixed = model(ids, pixel_values=pixels).logits
+        explicit = model(
+            torch.cat([torch.full((1, n), model.config.image_token_id), ids], 1), pixel_values=pixels
+        )
+    assert prefixed.shape[1] == n + ids.shape[1]
+    torch.testing.assert_close(prefixed, explicit.logits)
+
+
+def test_loss_ignores_image_positions(model, processor):
+    inputs = _inputs(processor, ["<image> what color is the shape"], [random_image(5)])
+    labels = inputs["input_ids"].clone()
+    out = model(**inputs, labels=labels)
+    masked = labels.masked_fill(labels == model.config.image_token_id, -100)
+    expected = torch.nn.functional.cross_entropy(
+        out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), masked[:, 1:].reshape(-1), ignore_index=-100
+    )
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tokenizer):
+    torch.manual_seed(0)
+    model = VLMambaForConditionalGeneration(tiny_vlm_config(tokenizer))
+    n = model.config.num_image_tokens
+    ids = torch.cat([torch.full((1, n), model.config.image_token_id), torch.randint(5, 50, (1, 6))], 1)
+    pixels = torch.randn(1, 3, 32, 32)
+
+    def grads():
+        model.zero_grad()
+        model(ids, pixel_values=pixels, labels=ids).loss.backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    model.train()
+    plain = grads()
+    model.activation_checkpointing_enable()
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys()
+    for key in plain:
+        torch.testing.assert_close(plain[key], checkpointed[key], atol=1e-6, rtol=1e-5)
+
+
+# --- configs, Auto classes, save / load --------------------------------------------------------------------
+
+
+def test_config_round_trips_through_autoconfig(tokenizer, tmp_path):
+    config = tiny_vlm_config(tokenizer, vision_mode="fuyu", projector_expansion=2)
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, VLMambaConfig)
+    expected, got = config.to_dict(), loaded.to_dict()
+    expected.pop("_name_or_path"), got.pop("_name_or_path")
+    assert got == expected
+
+
+@pytest.fixture(scope="module")
+def saved_folder(model, processor, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vlm")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_saved_folder_is_safetensors_only(saved_folder):
+    names = {p.name for p in saved_folder.iterdir()}
+    assert "model.safetensors" in names
+    assert not any(n.endswith((".bin", ".pt", ".pth", ".pkl")) for n in names)
+
+
+def test_save_then_load_in_a_fresh_process_gives_the_same_logits(model, processor, saved_folder, tmp_path):
+    inputs = _inputs(processor, ["<image> what color is the shape"], [random_image(6)])
+    torch.save(dict(inputs), tmp_path / "inputs.pt")
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    script = textwrap.dedent(
+        f"""
+        import torch, vlm_mamba_hf
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+        model = AutoModelForImageTextToText.from_pretrained({str(saved_folder)!r}).eval()
+        processor = AutoProcessor.from_pretrained({str(saved_folder)!r})
+        assert type(processor).__name__ == "VLMambaProcessor", type(processor)
+        inputs = torch.load({str(tmp_path / "inputs.pt")!r})
+        with torch.no_grad():
+            torch.save(model(**inputs).logits, {str(tmp_path / "logits.pt")!r})
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, timeout=300)
+    got = torch.load(tmp_path / "logits.pt")
+    assert (got - expected).abs().max() <= LOGITS_ATOL_FP32
+
+
+def test_sharded_save_and_dtype_round_trip(model, tmp_path):
+    model.to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="50KB")
+    model.to(torch.float32)
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]) > 0
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype="auto")
+    assert isinstance(loaded, VLMambaForConditionalGeneration)
+    assert loaded.dtype == torch.bfloat16
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        torch.testing.assert_close(a.to(torch.bfloat16), b, msg=name)
+
+
+def test_auto_processor_loads_saved_processor(saved_folder, processor):
+    loaded = AutoProcessor.from_pretrained(saved_folder)
+    assert isinstance(loaded, VLMambaProcessor)
+    assert loaded.image_seq_length == processor.image_seq_length
+
+
+# --- pipeline ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipe(saved_folder):
+    return pipeline("image-text-to-text", model=str(saved_folder))
+
+
+def test_pipeline_captioning_equals_generate(pipe, model, processor):
+    image = random_image(7)
+    out = pipe(images=image, text="<image>", max_new_tokens=6, do_sample=False, return_full_text=False)
+    inputs = _inputs(processor, ["<image>"], [image])
+    ids = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+    assert out[0]["generated_text"] == processor.batch_decode(ids, skip_special_tokens=True)[0]
+
+
+def test_pipeline_chat_vqa_equals_generate(pipe, model, processor):
+    image = random_image(8)
+    content = [{"type": "image", "image": image}, {"type": "text", "text": "what color is it?"}]
+    out = pipe(
+        text=[{"role": "user", "content": content}], max_new_tokens=6, do_sample=False, return_full_text=False
+    )
+    plain = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color is it?"}]}]
+    prompt = processor.apply_chat_template(plain, add_generation_prompt=True)
+    inputs = _inputs(processor, [prompt], [image])
+    ids = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+    assert out[0]["generated_text"] == processor.batch_decode(ids, skip_special_tokens=True)[0]
+
+
+def test_pipeline_batch_of_different_images_and_prompts_with_beams(pipe, model, processor):
+    images = [random_image(9), random_image(10)]
+    texts = ["<image> what color is the shape", "<image> how many"]
+    generate_kwargs = dict(max_new_tokens=5, num_beams=2, do_sample=False)
+    outs = pipe(
+        images=images, text=texts, generate_kwargs=generate_kwargs, return_full_text=False, batch_size=2
+    )
+    assert len(outs) == 2
+    for out, text, image in zip(outs, texts, images):
+        out = out if isinstance(out, list) else [out]
+        inputs = _inputs(processor, [text], [image])
+        ids = model.generate(**inputs, max_new_tokens=5, num_beams=2, do_sample=False)
+        expected = processor.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
+        assert out[0]["generated_text"] == expected
+
+
+def test_image_to_text_task_is_redirected_and_captions(saved_folder, pipe):
+    redirected = pipeline("image-to-text", model=str(saved_folder))
+    assert type(redirected) is type(pipe)
+    image = random_image(11)
+    kwargs = dict(text="<image>", max_new_tokens=4, do_sample=False, return_full_text=False)
+    assert redirected(images=image, **kwargs) == pipe(images=image, **kwargs)
+
+
+# --- seed quick-start -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["encoder", "fuyu"])
+def test_seed_quickstart_returns_image_plus_text_logits(mode):
+    config = VLMambaConfig(
+        vision=VisionConfig(img_size=224, patch_size=16, d_model=768, n_layers=12),
+        language=LanguageConfig(vocab_size=50257, d_model=768, n_layers=12),
+        bridger=BridgerConfig(d_model=768, expansion_factor=4),
+        vision_mode=mode,
+    )
+    model = VLMamba(config).eval()
+    assert isinstance(model.hf_model, VLMambaForConditionalGeneration)
+    with torch.no_grad():
+        logits = model(torch.randn(1, 3, 224, 224), torch.randint(0, 50000, (1, 64)))
+    assert logits.shape == (1, 196 + 64, 50257)
+
+
+def test_seed_lora_config_trains_only_lora_parameters():
+    config = VLMambaConfig(
+        vision=VisionConfig(img_size=32, patch_size=8, d_model=16, n_layers=1),
+        language=LanguageConfig(vocab_size=60, d_model=16, n_layers=2),
+        bridger=BridgerConfig(d_model=16),
+    )
+    config.lora = LoRAConfig(rank=8, alpha=16)
+    model = VLMamba(config)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    assert any("x_proj.lora_A" in name for name in trainable) and any("dt_proj" in name for name in trainable)
+
+
+# --- bad input ----------------------------------------------------------------------------------------------
+
+
+def test_image_token_count_mismatch_is_a_clear_error(model):
+    n = model.config.num_image_tokens
+    ids = torch.cat([torch.full((1, n - 1), model.config.image_token_id), torch.randint(5, 50, (1, 3))], 1)
+    with pytest.raises(ValueError, match=r"number of image tokens in the text \(15\)"):
+        model(ids, pixel_values=torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"2 image\(s\) x 16 tokens = 32"):
+        model(torch.full((1, n), model.config.image_token_id), pixel_values=torch.randn(2, 3, 32, 32))
+
+
+def test_image_tokens_without_pixel_values_is_a_clear_error(model):
+    ids = torch.full((1, model.config.num_image_tokens), model.config.image_token_id)
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model(ids)
+
+
+@pytest.mark.parametrize(
+    "pixels,match",
+    [
+        (torch.full((1, 3, 32, 32), float("nan")), "NaN"),
+        (torch.randn(1, 3, 30, 32), "not a positive multiple of the patch size 8"),
+        (torch.randn(1, 1, 32, 32), "1 channels"),
+        (torch.randn(3, 32, 32), "shape"),
+    ],
+)
+def test_bad_pixel_values_are_clear_errors(model, pixels, match):
+    ids = torch.randint(5, 50, (1, 4))
+    with pytest.raises(ValueError, match=match):
+        model(ids, pixel_values=pixels)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(vision_mode="transformer"), "vision_mode"),
+        (dict(image_token_id=10_000), "image_token_id"),
+        (dict(projector_expansion=0), "projector_expansion"),
+        (dict(vision_config=dict(image_size=30, patch_size=8)), "divisible"),
+    ],
+)
+def test_invalid_vlm_config_is_a_clear_error(tokenizer, overrides, match):
+    with pytest.raises(Exception, match=match):
+        tiny_vlm_config(tokenizer, **overrides)
