@@ -6,8 +6,8 @@
                            bridger=BridgerConfig(d_model=768, expansion_factor=4), vision_mode="encoder")
     logits = VLMamba(config)(image, text_tokens)   # [1, 196 + 64, vocab] for a 224 px image and 64 tokens
 
-`VLMambaConfig` is the transformers config itself; it accepts the seed's `vision=`, `language=`,
-`bridger=` and `lora=` arguments and translates them. Without image tokens in the text, the image
+`VLMambaConfig` is the transformers config itself; it accepts the seed's `vision=`, `language=` and
+`bridger=` arguments and translates them; `config.lora = LoRAConfig(...)` makes `VLMamba` apply LoRA. Without image tokens in the text, the image
 features are prefixed to it (the seed's convention).
 """
 
@@ -17,9 +17,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import MambaConfig
 
-from .configuration_vlm_mamba import VLMambaConfig, VLMambaVisionConfig
+from .configuration_vlm_mamba import VLMambaConfig
 from .modeling_vlm_mamba import VLMambaForConditionalGeneration
 
 
@@ -36,18 +35,6 @@ class VisionConfig:
     d_conv: int = 4
     in_channels: int = 3
 
-    def to_hf(self) -> VLMambaVisionConfig:
-        return VLMambaVisionConfig(
-            image_size=self.img_size,
-            patch_size=self.patch_size,
-            hidden_size=self.d_model,
-            num_hidden_layers=self.n_layers,
-            state_size=self.d_state,
-            expand=self.expand,
-            conv_kernel=self.d_conv,
-            num_channels=self.in_channels,
-        )
-
 
 @dataclass
 class LanguageConfig:
@@ -59,16 +46,6 @@ class LanguageConfig:
     d_state: int = 16
     expand: int = 2
     d_conv: int = 4
-
-    def to_hf(self) -> MambaConfig:
-        return MambaConfig(
-            vocab_size=self.vocab_size,
-            hidden_size=self.d_model,
-            num_hidden_layers=self.n_layers,
-            state_size=self.d_state,
-            expand=self.expand,
-            conv_kernel=self.d_conv,
-        )
 
 
 @dataclass
@@ -88,27 +65,6 @@ class LoRAConfig:
     dropout: float = 0.0
     include_vision: bool = False
     train_bridger: bool = False
-
-
-def seed_kwargs_to_hf(kwargs: dict) -> dict:
-    """Translate the seed's `vision`, `language`, `bridger` arguments into VLMambaConfig fields."""
-    vision = kwargs.pop("vision", None)
-    language = kwargs.pop("language", None)
-    bridger = kwargs.pop("bridger", None)
-    if isinstance(vision, VisionConfig):
-        kwargs["vision_config"] = vision.to_hf()
-    if isinstance(language, LanguageConfig):
-        kwargs["text_config"] = language.to_hf()
-    if isinstance(bridger, BridgerConfig):
-        dv = vision.d_model if isinstance(vision, VisionConfig) else None
-        if dv is not None and bridger.d_model != dv:
-            raise ValueError(
-                f"BridgerConfig.d_model ({bridger.d_model}) must equal the vision width VisionConfig.d_model ({dv})."
-            )
-        kwargs["projector_expansion"] = bridger.expansion_factor
-    if isinstance(language, LanguageConfig) and "image_token_id" not in kwargs:
-        kwargs["image_token_id"] = language.vocab_size - 1
-    return kwargs
 
 
 class VLMamba(nn.Module):
@@ -142,4 +98,4 @@ class VLMamba(nn.Module):
         return self.hf_model(input_ids=text_tokens, pixel_values=image).logits
 
 
-__all__ = ["VLMamba", "VisionConfig", "LanguageConfig", "BridgerConfig", "LoRAConfig", "seed_kwargs_to_hf"]
+__all__ = ["VLMamba", "VisionConfig", "LanguageConfig", "BridgerConfig", "LoRAConfig"]

@@ -144,6 +144,54 @@ class VLMambaVisionConfig(PreTrainedConfig):
             raise ValueError(f"hidden_act must be one of {SUPPORTED_ACTIVATIONS}, got {self.hidden_act!r}.")
 
 
+def _seed_field(obj, name: str, default=None):
+    return obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)
+
+
+def _seed_kwargs_to_fields(kwargs: dict) -> dict:
+    """Pop the seed's `vision=`, `language=`, `bridger=` settings (objects or dicts) from kwargs and return
+    the equivalent VLMambaConfig fields. Kept here, not in compat.py, so exported remote code needs no extra file.
+    """
+    vision, language, bridger = (
+        kwargs.pop("vision", None),
+        kwargs.pop("language", None),
+        kwargs.pop("bridger", None),
+    )
+    fields = {}
+    if vision is not None:
+        fields["vision_config"] = VLMambaVisionConfig(
+            image_size=_seed_field(vision, "img_size", 224),
+            patch_size=_seed_field(vision, "patch_size", 16),
+            hidden_size=_seed_field(vision, "d_model", 768),
+            num_hidden_layers=_seed_field(vision, "n_layers", 12),
+            state_size=_seed_field(vision, "d_state", 16),
+            expand=_seed_field(vision, "expand", 2),
+            conv_kernel=_seed_field(vision, "d_conv", 4),
+            num_channels=_seed_field(vision, "in_channels", 3),
+        )
+    if language is not None:
+        vocab_size = _seed_field(language, "vocab_size", 50257)
+        fields["text_config"] = MambaConfig(
+            vocab_size=vocab_size,
+            hidden_size=_seed_field(language, "d_model", 768),
+            num_hidden_layers=_seed_field(language, "n_layers", 12),
+            state_size=_seed_field(language, "d_state", 16),
+            expand=_seed_field(language, "expand", 2),
+            conv_kernel=_seed_field(language, "d_conv", 4),
+        )
+        if "image_token_id" not in kwargs:
+            fields["image_token_id"] = vocab_size - 1  # the seed had no image token; reserve the last id
+    if bridger is not None:
+        dv = _seed_field(vision, "d_model") if vision is not None else None
+        if dv is not None and _seed_field(bridger, "d_model", dv) != dv:
+            raise ValueError(
+                f"BridgerConfig.d_model ({_seed_field(bridger, 'd_model')}) must equal the vision width "
+                f"VisionConfig.d_model ({dv})."
+            )
+        fields["projector_expansion"] = _seed_field(bridger, "expansion_factor", 4)
+    return fields
+
+
 @strict
 class VLMambaConfig(PreTrainedConfig):
     r"""
@@ -197,13 +245,9 @@ class VLMambaConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         if any(key in kwargs for key in ("vision", "language", "bridger")):
-            # The seed's quick-start arguments (vlm_mamba_hf.compat): translate to this config's fields.
-            from .compat import seed_kwargs_to_hf
-
-            translated = seed_kwargs_to_hf(kwargs)
-            for key in ("vision_config", "text_config", "projector_expansion", "image_token_id"):
-                if key in translated:
-                    setattr(self, key, translated.pop(key))
+            # The seed's quick-start arguments (see vlm_mamba_hf.compat): translate to this config's fields.
+            for key, value in _seed_kwargs_to_fields(kwargs).items():
+                setattr(self, key, value)
         super().__post_init__(**kwargs)
         # transformers keeps tie_word_embeddings on the text config for text-only loading; mirror it.
         self.text_config.tie_word_embeddings = self.tie_word_embeddings
