@@ -56,10 +56,19 @@ def _load_kernels() -> dict[str, object]:
     return kernels
 
 
+_USE_KERNELS = True
+
+
+def set_kernels_enabled(enabled: bool) -> None:
+    """Turn the CUDA kernels off (PyTorch path everywhere) or back on; for parity tests and debugging."""
+    global _USE_KERNELS
+    _USE_KERNELS = bool(enabled)
+
+
 def _cuda_kernel(name: str, tensor: torch.Tensor):
     """The kernel `name` for a CUDA tensor, or None (CPU tensors never reach a kernel)."""
     global _WARNED_MISSING_KERNELS
-    if not tensor.is_cuda:
+    if not tensor.is_cuda or not _USE_KERNELS:
         return None
     kernel = _load_kernels().get(name)
     if kernel is None and not _WARNED_MISSING_KERNELS:
