@@ -561,3 +561,20 @@ def test_seed_cli_converts_with_tokenizer_and_processor(tmp_path):
     assert config.image_token_id == tokenizer.convert_tokens_to_ids("<image>")
     assert config.text_config.vocab_size >= len(tokenizer)
     assert (tmp_path / "o" / "processor_config.json").is_file()
+
+
+def test_converted_folder_has_a_model_card_with_hub_metadata(tmp_path):
+    import yaml
+
+    torch.manual_seed(0)
+    source = tmp_path / "lm"
+    MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1)).save_pretrained(source)
+    out = tmp_path / "out"
+    lm_conv.convert_mamba_lm(str(source), out, image_token_id=63)
+    card = (out / "README.md").read_text()
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["library_name"] == "transformers"
+    assert metadata["pipeline_tag"] == "image-text-to-text"
+    assert metadata["base_model"] == [str(source)]
+    assert {"mamba", "state-space-model", "vision-language"} <= set(metadata["tags"])
+    assert "verified equal" in card

@@ -42,6 +42,7 @@ import torch
 from transformers import MambaConfig, MambaForCausalLM
 
 from vlm_mamba_hf import VLMambaConfig, VLMambaForConditionalGeneration, VLMambaVisionConfig
+from vlm_mamba_hf.model_card import card_metadata, write_model_card
 
 if __package__:
     from . import _common as common
@@ -519,7 +520,21 @@ def convert_mamba_lm(
             report.notes.append("no tokenizer: none saved (pass --tokenizer to save one with a processor)")
         converted = VLMambaForConditionalGeneration.from_pretrained(str(staging), dtype=torch.float32).eval()
         _check_round_trip(converted.state_dict(), model)
-        verify_text_logits(converted, source.config, source_sd, image_token_id, atol)
+        max_diff = verify_text_logits(converted, source.config, source_sd, image_token_id, atol)
+        write_model_card(
+            staging,
+            title=f"VLMamba built on {lm}",
+            summary=(
+                f"A VLMamba checkpoint whose language model is `{lm}` (text-only logits verified equal to "
+                f"transformers' MambaForCausalLM within {atol:g} in fp32, max difference {max_diff:.2e}). The "
+                "vision tower and bridger "
+                + ("come from " + str(vision) if vision else "are freshly initialised")
+                + ": fine-tune before use."
+            ),
+            metadata=card_metadata(base_model=lm, model_name=Path(str(output)).name),
+            sources=report.format(),
+            evaluation="Not evaluated after conversion: the bridger must be trained first.",
+        )
     print(report.format())
     print(f"saved VLMamba ({vision_mode} vision, {save_dtype}) to {output}")
     return Path(output)
