@@ -15,7 +15,7 @@ from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 from transformers.models.auto.configuration_auto import AutoConfig
 
 SUPPORTED_ACTIVATIONS = ("silu", "swish")
-SUPPORTED_TEXT_MODEL_TYPES = ("mamba",)
+SUPPORTED_TEXT_MODEL_TYPES = ("mamba", "mamba2")
 
 
 def _require_positive(config: object, names: tuple[str, ...]) -> None:
@@ -34,12 +34,20 @@ def validate_mamba_text_config(config: PreTrainedConfig) -> None:
     if model_type not in SUPPORTED_TEXT_MODEL_TYPES:
         raise ValueError(
             f"text_config.model_type must be one of {SUPPORTED_TEXT_MODEL_TYPES}, got {model_type!r}. "
-            "Pass a transformers `MambaConfig`."
+            "Pass a transformers `MambaConfig` or `Mamba2Config`."
         )
     _require_positive(
         config, ("vocab_size", "hidden_size", "state_size", "num_hidden_layers", "expand", "conv_kernel")
     )
-    _require_positive(config, ("time_step_rank", "intermediate_size"))
+    if model_type == "mamba2":
+        validate_mamba2_fields(config)
+        if config.num_heads != config.expand * config.hidden_size // config.head_dim:
+            raise ValueError(
+                f"{type(config).__name__}.num_heads ({config.num_heads}) must equal expand * hidden_size / head_dim "
+                f"({config.expand} * {config.hidden_size} / {config.head_dim})."
+            )
+    else:
+        _require_positive(config, ("time_step_rank", "intermediate_size"))
     if config.hidden_act not in SUPPORTED_ACTIVATIONS:
         raise ValueError(
             f"{type(config).__name__}.hidden_act must be one of {SUPPORTED_ACTIVATIONS}, got {config.hidden_act!r}."
@@ -50,6 +58,24 @@ def validate_mamba_text_config(config: PreTrainedConfig) -> None:
         raise ValueError(
             f"Need 0 < time_step_min <= time_step_max, got time_step_min={config.time_step_min!r}, "
             f"time_step_max={config.time_step_max!r}."
+        )
+
+
+def validate_mamba2_fields(config: PreTrainedConfig) -> None:
+    """Mamba-2 sizes: head_dim divides expand * hidden_size, n_groups divides the heads, chunk_size >= 1."""
+    name = type(config).__name__
+    _require_positive(config, ("head_dim", "n_groups", "chunk_size"))
+    inner = config.expand * config.hidden_size
+    if inner % config.head_dim:
+        raise ValueError(
+            f"{name}.head_dim ({config.head_dim}) must divide the inner size expand * hidden_size "
+            f"({config.expand} * {config.hidden_size} = {inner}); pick a head_dim that divides {inner}."
+        )
+    heads = inner // config.head_dim
+    if heads % config.n_groups:
+        raise ValueError(
+            f"{name}.n_groups ({config.n_groups}) must divide the number of heads expand * hidden_size / head_dim "
+            f"({heads}); pick n_groups among the divisors of {heads}."
         )
 
 
@@ -75,7 +101,10 @@ class VLMambaVisionConfig(PreTrainedConfig):
         use_cls_token (`bool`): add a learned class token in the middle of the patch sequence (Vim).
         keep_cls_token (`bool`): pass the class token on to the bridger (else only patch features).
         residual_in_fp32 (`bool`): keep the residual stream in fp32.
-        ssm_layer (`str`): the mixer kind; `"mamba1"`.
+        ssm_layer (`str`): the mixer kind: `"mamba1"` (Vim's bidirectional Mamba) or `"mamba2"` (bidirectional
+            Mamba-2 / SSD).
+        head_dim, n_groups, chunk_size (`int`): Mamba-2 only: channels per head (must divide
+            `expand * hidden_size`), groups sharing B and C (must divide the heads), scan chunk length.
     """
 
     model_type = "vlm_mamba_vision"
@@ -103,7 +132,10 @@ class VLMambaVisionConfig(PreTrainedConfig):
     use_cls_token: bool = True
     keep_cls_token: bool = False
     residual_in_fp32: bool = True
-    ssm_layer: Literal["mamba1"] = "mamba1"
+    ssm_layer: Literal["mamba1", "mamba2"] = "mamba1"
+    head_dim: int = 64
+    n_groups: int = 1
+    chunk_size: int = 256
 
     def __post_init__(self, **kwargs):
         if self.time_step_rank == "auto":
@@ -142,6 +174,8 @@ class VLMambaVisionConfig(PreTrainedConfig):
             )
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
             raise ValueError(f"hidden_act must be one of {SUPPORTED_ACTIVATIONS}, got {self.hidden_act!r}.")
+        if self.ssm_layer == "mamba2":
+            validate_mamba2_fields(self)
 
 
 def _seed_field(obj, name: str, default=None):

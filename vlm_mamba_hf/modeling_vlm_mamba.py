@@ -8,13 +8,14 @@ convert by renaming.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import MambaConfig
+from transformers import Mamba2Config, MambaConfig, PreTrainedConfig
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
@@ -24,6 +25,7 @@ from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_vlm_mamba import VLMambaConfig, VLMambaVisionConfig, validate_mamba_text_config
+from .ops_ssd import causal_conv1d_rows, ssd_scan, ssd_state_update
 from .ssm_ops import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
 
 # ----------------------------------------------------------------------------------------------------------
@@ -255,6 +257,243 @@ class VLMambaBiMixer(VLMambaMixer):
         return self.out_proj(((y_fwd + y_bwd) / 2).transpose(1, 2).to(hidden_states.dtype))
 
 
+class VLMambaGatedRMSNorm(nn.Module):
+    """Mamba-2's gated RMSNorm (norm_before_gate=False): RMSNorm(y * SiLU(z)) per group of `group_size`
+    channels, in fp32, times weight. One group per `n_groups`, as in mamba_ssm and transformers.
+    """
+
+    def __init__(self, hidden_size: int, group_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.group_size = group_size
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden_states, gate (..., hidden_size) -> (..., hidden_size) in hidden_states' dtype."""
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        if gate is not None:
+            hidden_states = hidden_states * F.silu(gate.to(torch.float32))
+        grouped = hidden_states.unflatten(-1, (-1, self.group_size))
+        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * grouped.flatten(-2).to(input_dtype)
+
+
+class _SSDBranch:
+    """Names of one Mamba-2 scan direction's parameters (forward: transformers' names; backward: `_b`)."""
+
+    def __init__(self, conv1d: str, dt_bias: str, A_log: str, D: str):
+        self.conv1d, self.dt_bias, self.A_log, self.D = conv1d, dt_bias, A_log, D
+
+
+_SSD_FORWARD = _SSDBranch("conv1d", "dt_bias", "A_log", "D")
+_SSD_BACKWARD = _SSDBranch("conv1d_b", "dt_bias_b", "A_b_log", "D_b")
+
+
+class VLMambaMamba2Mixer(nn.Module):
+    """Mamba-2 (SSD) mixer (Dao & Gu 2024, Fig. 6), with transformers' `Mamba2Mixer` parameter names.
+
+    in_proj (d_model -> d_inner + conv_dim + heads) gives the gate z, xBC and dt; xBC = [x, B, C] runs
+    through a causal depthwise conv and SiLU; the SSD scan (one scalar A per head, B and C shared by the
+    heads of a group) produces y, which the gated RMSNorm multiplies by SiLU(z) and normalises per group
+    before out_proj. Every projection is called as a module, so adapters wrapping them take effect.
+    """
+
+    def __init__(self, config: Mamba2Config | VLMambaVisionConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.intermediate_size = int(config.expand * config.hidden_size)
+        self.head_dim = config.head_dim
+        self.num_heads = self.intermediate_size // self.head_dim
+        self.n_groups = config.n_groups
+        self.ssm_state_size = config.state_size
+        self.chunk_size = config.chunk_size
+        self.conv_kernel_size = config.conv_kernel
+        self.activation = config.hidden_act
+        self.time_step_min = config.time_step_min
+        self.time_step_max = config.time_step_max
+        self.time_step_floor = config.time_step_floor
+        self.time_step_limit = tuple(getattr(config, "time_step_limit", (0.0, float("inf"))))
+        self.conv_dim = self.intermediate_size + 2 * self.n_groups * self.ssm_state_size
+        self.use_conv_bias = config.use_conv_bias
+        projection_size = self.intermediate_size + self.conv_dim + self.num_heads
+        self.in_proj = nn.Linear(self.hidden_size, projection_size, bias=config.use_bias)
+        self._add_branch(_SSD_FORWARD)
+        self.norm = VLMambaGatedRMSNorm(
+            self.intermediate_size, self.intermediate_size // self.n_groups, eps=config.layer_norm_epsilon
+        )
+        self.out_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=config.use_bias)
+
+    def _add_branch(self, names: _SSDBranch) -> None:
+        k, h = self.conv_kernel_size, self.num_heads
+        conv = nn.Conv1d(
+            self.conv_dim,
+            self.conv_dim,
+            kernel_size=k,
+            groups=self.conv_dim,
+            padding=k - 1,
+            bias=self.use_conv_bias,
+        )
+        self.add_module(names.conv1d, conv)
+        self.register_parameter(names.dt_bias, nn.Parameter(torch.empty(h)))
+        self.register_parameter(names.A_log, nn.Parameter(torch.empty(h)))
+        self.register_parameter(names.D, nn.Parameter(torch.empty(h)))
+        getattr(self, names.A_log)._no_weight_decay = True
+        getattr(self, names.D)._no_weight_decay = True
+        getattr(self, names.dt_bias)._no_weight_decay = True
+
+    def branches(self) -> tuple[_SSDBranch, ...]:
+        return (_SSD_FORWARD,)
+
+    @torch.no_grad()
+    def init_ssm_parameters(self) -> None:
+        """mamba_ssm's Mamba-2 init: A = -uniform[1, 16] per head, D = 1, dt bias = softplus^-1 of log-uniform dt."""
+        for names in self.branches():
+            A = torch.empty(self.num_heads).uniform_(1.0, 16.0)
+            init.copy_(getattr(self, names.A_log), torch.log(A))
+            init.ones_(getattr(self, names.D))
+            log_lo, log_hi = math.log(self.time_step_min), math.log(self.time_step_max)
+            dt = torch.exp(torch.rand(self.num_heads) * (log_hi - log_lo) + log_lo)
+            dt = dt.clamp(min=self.time_step_floor)
+            init.copy_(getattr(self, names.dt_bias), dt + torch.log(-torch.expm1(-dt)))
+            conv = getattr(self, names.conv1d)
+            init.kaiming_uniform_(conv.weight, a=math.sqrt(5))
+            if conv.bias is not None:
+                init.zeros_(conv.bias)
+        init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
+
+    def _split_xbc(self, xbc: torch.Tensor):
+        """xBC (..., conv_dim) -> x (..., heads, head_dim), B and C (..., groups, state)."""
+        gn = self.n_groups * self.ssm_state_size
+        x, B, C = torch.split(xbc, [self.intermediate_size, gn, gn], dim=-1)
+        x = x.unflatten(-1, (self.num_heads, self.head_dim))
+        return x, B.unflatten(-1, (self.n_groups, -1)), C.unflatten(-1, (self.n_groups, -1))
+
+    def _scan(
+        self,
+        names: _SSDBranch,
+        xbc: torch.Tensor,
+        dt: torch.Tensor,
+        mask: torch.Tensor | None,
+        conv_state: torch.Tensor | None = None,
+        ssm_state: torch.Tensor | None = None,
+        return_final_state: bool = False,
+    ):
+        """Conv + SSD of one direction over xBC (b, l, conv_dim) and dt (b, l, heads); y (b, l, heads, head_dim)."""
+        conv = getattr(self, names.conv1d)
+        xbc = causal_conv1d_rows(xbc, conv.weight.squeeze(1), conv.bias, conv_state, self.activation)
+        if mask is not None:
+            xbc = xbc * mask
+        x, B, C = self._split_xbc(xbc)
+        return ssd_scan(
+            x,
+            dt,
+            -torch.exp(getattr(self, names.A_log).float()),
+            B,
+            C,
+            self.chunk_size,
+            D=getattr(self, names.D),
+            dt_bias=getattr(self, names.dt_bias),
+            dt_softplus=True,
+            dt_limit=self.time_step_limit,
+            initial_state=ssm_state,
+            return_final_state=return_final_state,
+        )
+
+    def _step(self, xbc: torch.Tensor, dt: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
+        """One decoding step; xBC (b, conv_dim), dt (b, heads); updates both states in place; y (b, heads, head_dim)."""
+        xbc = causal_conv1d_update(
+            xbc, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.activation
+        )
+        x, B, C = self._split_xbc(xbc)
+        A = -torch.exp(self.A_log.float())
+        return ssd_state_update(
+            ssm_state,
+            x,
+            dt,
+            A,
+            B,
+            C,
+            D=self.D,
+            dt_bias=self.dt_bias,
+            dt_softplus=True,
+            dt_limit=self.time_step_limit,
+        )
+
+    def _project(self, hidden_states: torch.Tensor, mask: torch.Tensor | None):
+        """in_proj and split: z (b, l, d_inner), xBC (b, l, conv_dim) zeroed at padding, dt (b, l, heads)."""
+        if mask is not None:
+            hidden_states = hidden_states * mask
+        z, xbc, dt = torch.split(
+            self.in_proj(hidden_states), [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1
+        )
+        if mask is not None:
+            xbc = xbc * mask  # zero padded positions before the conv, whatever in_proj's bias
+        return z, xbc, dt
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cache: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """hidden_states (b, l, d_model) -> (b, l, d_model); reads and fills `cache` when given."""
+        batch, seq_len, _ = hidden_states.shape
+        mask = None
+        if attention_mask is not None and seq_len > 1:
+            mask = attention_mask[:, :, None].to(hidden_states.dtype)
+        z, xbc, dt = self._project(hidden_states, mask)
+
+        conv_state = ssm_state = None
+        if cache is not None:
+            conv_state = cache.get_conv_state(self.layer_idx)
+            ssm_state = cache.get_recurrent_state(self.layer_idx)
+        if conv_state is not None and ssm_state is not None and seq_len == 1:
+            y = self._step(xbc[:, 0], dt[:, 0], conv_state, ssm_state)
+            y = self.norm(y.reshape(batch, 1, -1), z)
+            return self.out_proj(y.to(hidden_states.dtype))
+
+        if cache is not None:
+            y, final_state = self._scan(_SSD_FORWARD, xbc, dt, mask, conv_state, ssm_state, True)
+            # Store the conv window only now: the cache updates its tensors in place.
+            cache.update_conv_state(
+                xbc.transpose(1, 2), self.layer_idx, conv_kernel_size=self.conv_kernel_size
+            )
+            cache.update_recurrent_state(final_state, self.layer_idx)
+        else:
+            y = self._scan(_SSD_FORWARD, xbc, dt, mask)
+        y = self.norm(y.reshape(batch, seq_len, -1), z)
+        return self.out_proj(y.to(hidden_states.dtype))
+
+
+class VLMambaBiMamba2Mixer(VLMambaMamba2Mixer):
+    """Bidirectional Mamba-2 mixer for the vision tower: shared in_proj/norm/out_proj, one conv1d/dt_bias/A/D
+    per direction (the backward one with `_b` names, as in Vim); the backward direction scans the reversed
+    sequence and the two scan outputs are averaged before the gated norm, so every position sees the whole input.
+    """
+
+    def __init__(self, config: VLMambaVisionConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self._add_branch(_SSD_BACKWARD)
+
+    def branches(self) -> tuple[_SSDBranch, ...]:
+        return (_SSD_FORWARD, _SSD_BACKWARD)
+
+    def forward(self, hidden_states: torch.Tensor, cache=None, attention_mask=None) -> torch.Tensor:
+        batch, seq_len, _ = hidden_states.shape
+        z, xbc, dt = self._project(hidden_states, None)
+        y_fwd = self._scan(_SSD_FORWARD, xbc, dt, None)
+        y_bwd = self._scan(_SSD_BACKWARD, xbc.flip(1), dt.flip(1), None).flip(1)
+        y = self.norm(((y_fwd + y_bwd) / 2).reshape(batch, seq_len, -1), z)
+        return self.out_proj(y.to(hidden_states.dtype))
+
+
+def _uses_mamba2(config) -> bool:
+    """Mamba-2 mixers for a `Mamba2Config` language model or a vision config with `ssm_layer="mamba2"`."""
+    return getattr(config, "model_type", None) == "mamba2" or getattr(config, "ssm_layer", None) == "mamba2"
+
+
 class VLMambaBlock(GradientCheckpointingLayer):
     """Pre-norm residual block: x + mixer(RMSNorm(x)), residual optionally kept in fp32."""
 
@@ -263,7 +502,10 @@ class VLMambaBlock(GradientCheckpointingLayer):
         self.layer_idx = layer_idx
         self.residual_in_fp32 = config.residual_in_fp32
         self.norm = VLMambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        mixer_cls = VLMambaBiMixer if bidirectional else VLMambaMixer
+        if _uses_mamba2(config):
+            mixer_cls = VLMambaBiMamba2Mixer if bidirectional else VLMambaMamba2Mixer
+        else:
+            mixer_cls = VLMambaBiMixer if bidirectional else VLMambaMixer
         self.mixer = mixer_cls(config, layer_idx=layer_idx)
 
     def forward(self, hidden_states, cache: Cache | None = None, attention_mask: torch.Tensor | None = None):
@@ -294,6 +536,8 @@ class VLMambaPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """transformers' loader, with mis-shaped tensors reported by name and both shapes in the error."""
+        if cls.config_class is MambaConfig and not isinstance(kwargs.get("config"), PreTrainedConfig):
+            kwargs = _with_mamba2_config(pretrained_model_name_or_path, kwargs)
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except RuntimeError as err:
@@ -314,13 +558,44 @@ class VLMambaPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, VLMambaMixer):
+        if isinstance(module, (VLMambaMixer, VLMambaMamba2Mixer)):
             module.init_ssm_parameters()
         elif isinstance(module, VLMambaVisionModel):
             std = module.config.initializer_range
             init.trunc_normal_(module.pos_embed, std=std)
             if module.cls_token is not None:
                 init.trunc_normal_(module.cls_token, std=std)
+
+
+_CONFIG_DOWNLOAD_KWARGS = (
+    "cache_dir",
+    "force_download",
+    "local_files_only",
+    "token",
+    "revision",
+    "subfolder",
+    "proxies",
+)
+
+
+def _with_mamba2_config(pretrained_model_name_or_path, kwargs: dict) -> dict:
+    """`from_pretrained` kwargs with `config` set to a `Mamba2Config` when the checkpoint's config.json is one.
+
+    The text classes declare `config_class = MambaConfig`, which would read a Mamba-2 config.json as a Mamba-1
+    config; config overrides passed as kwargs (Mamba2Config fields) are applied as transformers would.
+    """
+    config_path = kwargs.get("config") or pretrained_model_name_or_path
+    if config_path is None:
+        return kwargs
+    download = {key: kwargs[key] for key in _CONFIG_DOWNLOAD_KWARGS if key in kwargs}
+    config_dict, _ = PreTrainedConfig.get_config_dict(config_path, **download)
+    if config_dict.get("model_type") != "mamba2":
+        return kwargs
+    kwargs = dict(kwargs)
+    fields = {field.name for field in dataclasses.fields(Mamba2Config)} - {"dtype"}
+    overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in fields}
+    kwargs["config"] = Mamba2Config.from_dict(config_dict, **overrides)
+    return kwargs
 
 
 def _check_attention_mask(attention_mask: torch.Tensor | None, batch: int, seq_len: int, cache) -> None:
@@ -893,5 +1168,7 @@ __all__ = [
     "VLMambaForConditionalGeneration",
     "VLMambaMixer",
     "VLMambaBiMixer",
+    "VLMambaMamba2Mixer",
+    "VLMambaBiMamba2Mixer",
     "VLMambaBlock",
 ]

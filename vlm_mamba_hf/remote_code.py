@@ -18,6 +18,7 @@ CODE_FILES = (
     "configuration_vlm_mamba.py",
     "modeling_vlm_mamba.py",
     "ssm_ops.py",
+    "ops_ssd.py",
     "image_processing_vlm_mamba.py",
     "processing_vlm_mamba.py",
 )

@@ -46,6 +46,13 @@ def _load_kernels() -> dict[str, object]:
     except Exception:  # noqa: BLE001
         pass
     try:
+        # Mamba-2 (SSD); the Mamba-2-shaped one-step update is the same `selective_state_update` as above.
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+        kernels["mamba_chunk_scan_combined"] = mamba_chunk_scan_combined
+    except Exception:  # noqa: BLE001
+        pass
+    try:
         from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 
         kernels["causal_conv1d_fn"] = causal_conv1d_fn
