@@ -459,3 +459,13 @@ def test_bad_pixel_values_are_clear_errors(model, pixels, match):
 def test_invalid_vlm_config_is_a_clear_error(tokenizer, overrides, match):
     with pytest.raises(Exception, match=match):
         tiny_vlm_config(tokenizer, **overrides)
+
+
+def test_standalone_fuyu_tower_reloads_in_fuyu_mode(tmp_path):
+    tower = VLMambaVisionModel(tiny_vision_config(mode="fuyu"))
+    tower.save_pretrained(tmp_path)
+    reloaded = VLMambaVisionModel.from_pretrained(tmp_path)
+    assert reloaded.mode == "fuyu" and len(reloaded.layers) == 0
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixels).last_hidden_state, tower(pixels).last_hidden_state)

@@ -101,6 +101,8 @@ class VLMambaVisionConfig(PreTrainedConfig):
         use_cls_token (`bool`): add a learned class token in the middle of the patch sequence (Vim).
         keep_cls_token (`bool`): pass the class token on to the bridger (else only patch features).
         residual_in_fp32 (`bool`): keep the residual stream in fp32.
+        mode (`str`): `"encoder"` or `"fuyu"`; inside a `VLMambaConfig` it always follows `vision_mode`, and it
+            is saved so that a standalone tower reloads in the mode it was built in.
         ssm_layer (`str`): the mixer kind: `"mamba1"` (Vim's bidirectional Mamba) or `"mamba2"` (bidirectional
             Mamba-2 / SSD).
         head_dim, n_groups, chunk_size (`int`): Mamba-2 only: channels per head (must divide
@@ -133,6 +135,7 @@ class VLMambaVisionConfig(PreTrainedConfig):
     keep_cls_token: bool = False
     residual_in_fp32: bool = True
     ssm_layer: Literal["mamba1", "mamba2"] = "mamba1"
+    mode: Literal["encoder", "fuyu"] = "encoder"
     head_dim: int = 64
     n_groups: int = 1
     chunk_size: int = 256
@@ -283,6 +286,7 @@ class VLMambaConfig(PreTrainedConfig):
             for key, value in _seed_kwargs_to_fields(kwargs).items():
                 setattr(self, key, value)
         super().__post_init__(**kwargs)
+        self.vision_config.mode = self.vision_mode
         # transformers keeps tie_word_embeddings on the text config for text-only loading; mirror it.
         self.text_config.tie_word_embeddings = self.tie_word_embeddings
 

@@ -822,9 +822,10 @@ class VLMambaVisionModel(VLMambaPreTrainedModel):
     base_model_prefix = "vision_tower"
     main_input_name = "pixel_values"
 
-    def __init__(self, config: VLMambaVisionConfig, mode: str = "encoder"):
+    def __init__(self, config: VLMambaVisionConfig, mode: str | None = None):
         config.validate_architecture()
         super().__init__(config)
+        mode = mode if mode is not None else config.mode
         if mode not in ("encoder", "fuyu"):
             raise ValueError(f"vision mode must be 'encoder' or 'fuyu', got {mode!r}.")
         self.mode = mode
