@@ -1,0 +1,76 @@
+"""Smoke runs of the benchmark scripts: `--quick` finishes and writes the JSON the reports read (no timing asserts)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ("bench_vision", "bench_vlm")
+# Both quick runs together take about a minute on an idle 2-core CPU; the limit leaves room for a busy one.
+TIMEOUT_S = 300
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def quick_runs(tmp_path_factory) -> dict[str, dict]:
+    """Run every script's --quick mode, in parallel subprocesses, each writing to a temporary JSON path."""
+    folder = tmp_path_factory.mktemp("bench")
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", f"benchmarks.{name}", "--quick", "--out", str(folder / f"{name}.json")],
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in SCRIPTS
+    }
+    runs = {}
+    for name, proc in procs.items():
+        try:
+            stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        path = folder / f"{name}.json"
+        runs[name] = {
+            "returncode": proc.returncode,
+            "log": (stdout + stderr)[-3000:],
+            "data": json.loads(path.read_text()) if path.exists() else None,
+        }
+    return runs
+
+
+def _finished(run: dict) -> dict:
+    assert run["returncode"] == 0, run["log"]
+    assert run["data"] is not None, "no JSON written:\n" + run["log"]
+    return run["data"]
+
+
+def test_quick_vision_run_writes_images_per_s_memory_and_ratios(quick_runs):
+    data = _finished(quick_runs["bench_vision"])
+    assert {"machine", "config", "throughput", "memory", "target", "notes"} <= set(data)
+    assert "load_average_at_start" in data["machine"]
+    assert data["config"]["vit"]["params_relative_to_ours"] <= 0.10
+    for case in data["throughput"].values():
+        assert case["images_per_s"]["ours"] > 0 and case["images_per_s"]["vit"] > 0
+        assert case["speed_ratio_vs_vit"] > 0
+    for case in data["memory"].values():
+        assert case["ours"]["peak_above_baseline_mib"] >= 0
+        assert "memory_ratio_vit_over_ours" in case
+
+
+def test_quick_vlm_run_writes_seconds_and_ratio_per_case(quick_runs):
+    data = _finished(quick_runs["bench_vlm"])
+    assert {"machine", "config", "cases", "notes"} <= set(data)
+    assert set(data["cases"]) == {"caption", "vqa", "long_prompt"}
+    for part in ("vision", "text"):
+        assert abs(data["config"]["llava"]["match"][part]["relative_to_ours"]) <= 0.10
+    for case in data["cases"].values():
+        assert case["seconds"]["ours"] > 0 and case["seconds"]["llava"] > 0
+        assert case["ratio_vs_llava"] > 0
+        assert case["image_tokens"] > 0
