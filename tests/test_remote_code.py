@@ -76,3 +76,25 @@ def test_remote_code_runs_without_the_package(checkpoint, tmp_path):
     got = json.loads(result.stdout.strip().splitlines()[-1])
     assert got["ids"] == expected_ids.tolist()
     assert got["text"] == expected_text[0]
+
+
+def test_cli_export_remote_code(checkpoint, tmp_path):
+    src, _, _ = checkpoint
+    out = tmp_path / "cli_out"
+    result = subprocess.run(
+        [sys.executable, "-m", "vlm_mamba_hf.cli", "export-remote-code", str(src), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((out / "config.json").read_text())["auto_map"]["AutoConfig"].startswith(
+        "configuration_"
+    )
+    again = subprocess.run(
+        [sys.executable, "-m", "vlm_mamba_hf.cli", "export-remote-code", str(src), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 1 and "not empty" in again.stderr

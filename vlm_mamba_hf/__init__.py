@@ -1,5 +1,7 @@
 """vlm-mamba-hf: VLMamba, an attention-free vision-language model for Hugging Face transformers."""
 
+from pathlib import Path
+
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -25,6 +27,9 @@ from .processing_vlm_mamba import VLMambaProcessor
 
 __version__ = "0.1.0"
 
+DEFAULT_MODEL = str(Path(__file__).resolve().parent / "default_model")
+"""The built-in default checkpoint folder shipped inside the package (loadable offline)."""
+
 
 def _register() -> None:
     """Make the Auto classes resolve model_type "vlm_mamba" to this package's classes."""
@@ -49,6 +54,7 @@ def _register() -> None:
 _register()
 
 __all__ = [
+    "DEFAULT_MODEL",
     "BridgerConfig",
     "LanguageConfig",
     "LoRAConfig",

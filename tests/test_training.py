@@ -1,0 +1,360 @@
+"""Training: collator labels, Trainer with gradient accumulation, resume, torchrun, checkpointing, bad input."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import PIL.Image
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from vlm_mamba_hf.modeling_vlm_mamba import VLMambaForConditionalGeneration
+from vlm_mamba_hf.training.collator import IGNORE_INDEX, VLMambaDataCollator, format_prompt
+from vlm_mamba_hf.training.recipes import (
+    ExampleList,
+    build_model_config,
+    build_processor,
+    build_train_dataset,
+    get_recipe,
+)
+from vlm_mamba_hf.training.train import (
+    VLMambaTrainer,
+    check_resume_compatible,
+    cpu_supports_bf16,
+    training_arguments,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return get_recipe("tiny", easy_vqa_limit=120, shapes_train_scenes=20)
+
+
+@pytest.fixture(scope="module")
+def processor(recipe):
+    return build_processor(recipe)
+
+
+@pytest.fixture(scope="module")
+def train_dataset(recipe):
+    return build_train_dataset(recipe)
+
+
+def _image(color=(200, 30, 30)) -> PIL.Image.Image:
+    return PIL.Image.new("RGB", (64, 64), color)
+
+
+def _model(recipe, processor, seed=0) -> VLMambaForConditionalGeneration:
+    torch.manual_seed(seed)
+    return VLMambaForConditionalGeneration(build_model_config(recipe, processor.tokenizer))
+
+
+def _qa(answer="red", question="what color is the shape?", image=True):
+    return {"image": _image() if image else None, "prompt": question, "answer": answer}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Collator
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_collator_labels_only_answers_and_eos(processor):
+    collator = VLMambaDataCollator(processor)
+    chat = {
+        "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what shape is it?"}]},
+            {"role": "assistant", "content": "circle"},
+            {"role": "user", "content": "is there a red shape?"},
+            {"role": "assistant", "content": "yes"},
+        ],
+        "images": [_image()],
+    }
+    batch = collator([_qa("red"), chat])
+    tok = processor.tokenizer
+    n_img = processor.image_seq_length
+    size = processor.image_processor.size["height"]
+    assert batch["pixel_values"].shape == (2, 3, size, size)
+    for row, answers in enumerate([["red"], ["circle", "yes"]]):
+        ids, labels, mask = batch["input_ids"][row], batch["labels"][row], batch["attention_mask"][row]
+        supervised = labels != IGNORE_INDEX
+        assert torch.equal(labels[supervised], ids[supervised])
+        expected = []
+        for answer in answers:
+            expected += tok.encode(" " + answer, add_special_tokens=False) + [tok.eos_token_id]
+        assert labels[supervised].tolist() == expected
+        image_positions = ids == processor.image_token_id
+        assert int(image_positions.sum()) == n_img
+        assert not supervised[image_positions].any()
+        assert not supervised[mask == 0].any()
+        # Right padding: real tokens first.
+        length = int(mask.sum())
+        assert mask[:length].all() and not mask[length:].any()
+
+
+def test_collator_text_matches_the_chat_template(processor):
+    """Training text is the processor's chat template; inference prompts are its generation prompt."""
+    collator = VLMambaDataCollator(processor)
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "what color is the shape?"}],
+        },
+        {"role": "assistant", "content": "teal"},
+        {"role": "user", "content": "is there a circle?"},
+        {"role": "assistant", "content": "no"},
+    ]
+    ids, _ = collator.encode(messages)
+    template = processor.apply_chat_template(messages, tokenize=False)
+    expanded = template.replace(processor.image_token, processor.image_token * processor.image_seq_length)
+    assert ids == processor.tokenizer.encode(expanded, add_special_tokens=False)
+    prompt = processor.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    assert prompt == format_prompt("what color is the shape?")
+
+
+def test_collator_skips_undecodable_images_and_counts_them(processor, tmp_path, caplog):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    collator = VLMambaDataCollator(processor)
+    with caplog.at_level(logging.WARNING):
+        batch = collator([_qa("red"), {"image": str(broken), "prompt": "what shape?", "answer": "circle"}])
+    assert batch["input_ids"].shape[0] == 1
+    assert collator.stats["skipped_images"] == 1
+    assert "could not be decoded" in caplog.text and "1 skipped so far" in caplog.text
+
+
+def test_collator_truncates_long_answers_with_a_warning(processor, caplog):
+    collator = VLMambaDataCollator(processor, max_length=processor.image_seq_length + 30)
+    with caplog.at_level(logging.WARNING):
+        batch = collator([_qa(" ".join(["a red circle at the top left"] * 20))])
+    assert batch["input_ids"].shape[1] == processor.image_seq_length + 30
+    assert collator.stats["truncated"] == 1
+    assert "truncated" in caplog.text
+    assert (batch["labels"] != IGNORE_INDEX).any()
+    assert int((batch["input_ids"] == processor.image_token_id).sum()) == processor.image_seq_length
+
+
+def test_collator_takes_examples_without_images(processor):
+    batch = VLMambaDataCollator(processor)([_qa(image=False), _qa(image=False)])
+    assert "pixel_values" not in batch
+    assert not (batch["input_ids"] == processor.image_token_id).any()
+    mixed = VLMambaDataCollator(processor)([_qa(image=False), _qa()])
+    assert mixed["pixel_values"].shape[0] == 1
+
+
+def test_collator_error_names_remove_unused_columns(processor):
+    with pytest.raises(ValueError, match="remove_unused_columns=False"):
+        VLMambaDataCollator(processor)([{"input_ids": [1, 2]}])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _args(tmp_path, recipe, **overrides):
+    kwargs = dict(disable_tqdm=True, logging_steps=1, save_strategy="no", warmup_steps=0)
+    kwargs.update(overrides)
+    return training_arguments(recipe, str(tmp_path), **kwargs)
+
+
+def test_gradient_accumulation_loss_is_token_weighted(recipe, processor, train_dataset, tmp_path):
+    """With accumulation, num_items_in_batch reaches the loss: one step = token-mean over all micro-batches."""
+    examples = [
+        _qa("red"),
+        _qa("a red circle at the top left, a blue square in the center."),
+        _qa("no"),
+        _qa("yes"),
+    ]
+    dataset = ExampleList(examples)
+    collator = VLMambaDataCollator(processor)
+    model = _model(recipe, processor)
+    reference = _model(recipe, processor)
+    args = _args(
+        tmp_path,
+        recipe.replace(batch_size=2, grad_accum=2, max_steps=1, learning_rate=1.0, weight_decay=0.0),
+        optim="sgd",
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+        train_sampling_strategy="sequential",
+    )
+    trainer = VLMambaTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    trainer.train()
+
+    # Manual: token-weighted mean over the 4 examples, gradient of it, one SGD step with lr 1.
+    batches = [collator(examples[:2]), collator(examples[2:])]
+    n_items = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    total = 0.0
+    for batch in batches:
+        loss = reference(**batch, num_items_in_batch=n_items).loss
+        loss.backward()
+        total += loss.item()
+    logged = trainer.state.log_history[0]["loss"]
+    assert logged == pytest.approx(total, rel=1e-4)
+    per_batch_mean = sum(reference(**b).loss.item() for b in batches) / 2
+    assert abs(per_batch_mean - total) > 1e-3  # the two normalisations differ on these examples
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        expected = q.detach() - q.grad if q.grad is not None else q.detach()
+        torch.testing.assert_close(p.detach(), expected, atol=1e-5, rtol=1e-5, msg=name)
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(recipe, processor, train_dataset, tmp_path):
+    run = recipe.replace(max_steps=6, save_steps=3, batch_size=4)
+    collator = VLMambaDataCollator(processor)
+
+    def trainer(out, callbacks=()):
+        args = _args(out, run, save_strategy="steps", save_steps=3, save_only_model=False)
+        return VLMambaTrainer(
+            model=_model(recipe, processor),
+            args=args,
+            train_dataset=train_dataset,
+            data_collator=collator,
+            callbacks=list(callbacks),
+        )
+
+    full = trainer(tmp_path / "full")
+    full.train()
+    stopped = trainer(tmp_path / "resumed", callbacks=[_StopAt(3)])
+    stopped.train()
+    assert stopped.state.global_step == 3
+    resumed = trainer(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-3"))
+    assert resumed.state.global_step == 6
+    for (name, p), (_, q) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)  # fp32 tolerance
+
+
+def test_resume_from_another_config_is_refused(recipe, processor, tmp_path):
+    model = _model(recipe, processor)
+    model.save_pretrained(tmp_path / "checkpoint-3")
+    other = build_model_config(recipe.replace(text_layers=3), processor.tokenizer)
+    with pytest.raises(
+        ValueError, match=r"different model config.*\n.*num_hidden_layers: checkpoint 2 vs this run 3"
+    ):
+        check_resume_compatible(tmp_path / "checkpoint-3", other)
+    check_resume_compatible(tmp_path / "checkpoint-3", model.config)  # same config: accepted
+    trainer = VLMambaTrainer(
+        model=VLMambaForConditionalGeneration(other),
+        args=_args(tmp_path, recipe),
+        train_dataset=ExampleList([_qa()]),
+        data_collator=VLMambaDataCollator(processor),
+    )
+    with pytest.raises(ValueError, match="Refusing to resume"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(recipe, processor, train_dataset):
+    batch = VLMambaDataCollator(processor)([train_dataset[i] for i in range(4)])
+    grads = []
+    for checkpointing in (False, True):
+        model = _model(recipe, processor).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            assert model.model.language_model.gradient_checkpointing
+        model(**batch).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def _train_cli(args, env_extra=None, launcher=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    env.update(env_extra or {})
+    command = (launcher or [sys.executable]) + ["-m", "vlm_mamba_hf.training.train"] + args
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def _losses(path):
+    return [h["loss"] for h in json.loads(Path(path).read_text()) if "loss" in h]
+
+
+_COMMON = [
+    "--recipe", "tiny", "--max-steps", "4", "--no-eval", "--no-progress", "--threads", "1",
+    "--easy-vqa-limit", "120", "--shapes-train-scenes", "20", "--save-steps", "1000",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def one_process_double_batch_losses(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one_process")
+    _train_cli(
+        [*_COMMON, "--batch-size", "4", "--output-dir", str(out), "--log-history", str(out / "log.json")]
+    )
+    return _losses(out / "log.json")
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_follow_one_process_with_double_batch(
+    tmp_path, one_process_double_batch_losses
+):
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+    ]
+    log = tmp_path / "log.json"
+    _train_cli(
+        [*_COMMON, "--batch-size", "2", "--output-dir", str(tmp_path), "--log-history", str(log)],
+        launcher=torchrun,
+    )
+    assert json.loads((tmp_path / "final" / "training_summary.json").read_text())["world_size"] == 2
+    two = _losses(log)
+    assert len(two) == len(one_process_double_batch_losses) == 4
+    assert two == pytest.approx(one_process_double_batch_losses, rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="CPU multi-process launch; with CUDA it would use the GPUs"
+)
+def test_accelerate_launch_two_processes_follow_one_process_with_double_batch(
+    tmp_path, one_process_double_batch_losses
+):
+    # Without CUDA, accelerate's multi-process launcher runs the processes on CPU with gloo (`--cpu` would
+    # start a single process).
+    accelerate = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29518",
+    ]  # fmt: skip
+    log = tmp_path / "log.json"
+    _train_cli(
+        [*_COMMON, "--batch-size", "2", "--output-dir", str(tmp_path), "--log-history", str(log)],
+        launcher=accelerate,
+    )
+    assert json.loads((tmp_path / "final" / "training_summary.json").read_text())["world_size"] == 2
+    assert _losses(log) == pytest.approx(one_process_double_batch_losses, rel=1e-4)
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bf16 arithmetic")
+def test_bf16_autocast_trains_on_a_cpu_with_bf16(recipe, processor, train_dataset, tmp_path):
+    model = _model(recipe, processor)
+    seen = []
+    model.lm_head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    args = _args(tmp_path, recipe.replace(max_steps=2, batch_size=4), bf16=True)
+    trainer = VLMambaTrainer(
+        model=model, args=args, train_dataset=train_dataset, data_collator=VLMambaDataCollator(processor)
+    )
+    trainer.train()
+    assert torch.bfloat16 in seen
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
+    assert next(model.parameters()).dtype == torch.float32  # master weights stay fp32

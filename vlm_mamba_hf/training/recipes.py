@@ -1,0 +1,285 @@
+"""Training recipes: tokenizer, model config, data mixture, Trainer arguments and time budget in one place.
+
+The "default" recipe trains the built-in default model (`vlm_mamba_hf/default_model`) on a 2-core CPU in
+under 30 minutes: easy-VQA train questions mixed with captions and questions of procedural shape scenes.
+
+Data mixture (all deterministic given the recipe's seed):
+  - easy-VQA train: the questions of each image, shuffled, grouped into chats of up to `turns` question/answer
+    turns that share the image (the image is encoded once per chat, not once per question).
+  - shapes train: per scene, one single-turn caption example ("Describe the image.") and one chat of up to
+    `turns` template questions (colour, shape, position, counts, existence).
+The first turn of every chat has exactly the single-question prompt used at inference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from torch.utils.data import Dataset
+from transformers import Mamba2Config, MambaConfig
+
+from ..configuration_vlm_mamba import VLMambaConfig, VLMambaVisionConfig
+from ..data.shapes import CAPTION_PROMPT, make_shapes_split
+from ..image_processing_vlm_mamba import VLMambaImageProcessor
+from ..processing_vlm_mamba import VLMambaProcessor
+from ..tokenizer_utils import build_tokenizer
+
+ASSISTANT_SYSTEM_TEXTS = ("USER:", "ASSISTANT:", "USER: <image>\n", "Describe the image.")
+
+
+@dataclass
+class Recipe:
+    """Everything one training run depends on; `RECIPES[name]` holds the named ones."""
+
+    name: str = "default"
+    seed: int = 0
+    # Tokenizer
+    vocab_size: int = 512
+    # Model (images are resized to image_size x image_size by the processor)
+    image_size: int = 64
+    patch_size: int = 8
+    vision_mode: str = "fuyu"
+    vision_hidden_size: int = 128
+    vision_layers: int = 0
+    text_hidden_size: int = 128
+    text_layers: int = 4
+    ssm_layer: str = "mamba2"
+    state_size: int = 16
+    expand: int = 2
+    head_dim: int = 32
+    n_groups: int = 1
+    chunk_size: int = 64
+    projector_expansion: int = 2
+    projector_layernorm: bool = True
+    # Data (shape scenes are drawn at scene_size px, like the 64 px easy-VQA images)
+    scene_size: int = 64
+    easy_vqa_limit: int | None = None
+    shapes_train_scenes: int = 8000
+    turns: int = 3
+    max_length: int = 192
+    # Optimisation
+    batch_size: int = 32
+    grad_accum: int = 1
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    lr_scheduler_type: str = "cosine"
+    max_steps: int = 20000
+    time_budget_s: float | None = 24 * 60
+    logging_steps: int = 25
+    save_steps: int = 400
+    # Evaluation
+    eval_vqa_limit: int | None = None
+    eval_caption_scenes: int = 500
+
+    def replace(self, **changes: Any) -> Recipe:
+        """A copy with some fields changed (None values are ignored, so CLI defaults can pass through)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"Unknown recipe field(s) {sorted(unknown)}.")
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+RECIPES: dict[str, Recipe] = {
+    "default": Recipe(),
+    # A few steps on a tiny model and small data: tests and pipeline smoke runs.
+    "tiny": Recipe(
+        name="tiny",
+        vocab_size=320,
+        image_size=32,
+        vision_hidden_size=32,
+        text_hidden_size=32,
+        text_layers=2,
+        state_size=4,
+        easy_vqa_limit=400,
+        shapes_train_scenes=100,
+        batch_size=8,
+        max_steps=10,
+        time_budget_s=None,
+        logging_steps=1,
+        save_steps=5,
+        eval_vqa_limit=32,
+        eval_caption_scenes=8,
+    ),
+}
+
+
+def get_recipe(name: str, **overrides: Any) -> Recipe:
+    """The named recipe with `overrides` applied (None values ignored)."""
+    if name not in RECIPES:
+        raise ValueError(f"Unknown recipe {name!r}; available: {sorted(RECIPES)}.")
+    return RECIPES[name].replace(**overrides)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------
+
+
+class ExampleList(Dataset):
+    """A list of collator examples as a map-style dataset."""
+
+    def __init__(self, examples: list[dict[str, Any]]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.examples[index]
+
+
+def _chat(image: Any, qa: list[tuple[str, str]]) -> dict[str, Any]:
+    messages: list[dict[str, Any]] = []
+    for turn, (question, answer) in enumerate(qa):
+        content: Any = question
+        if turn == 0:
+            content = [{"type": "image"}, {"type": "text", "text": question}]
+        messages.append({"role": "user", "content": content})
+        messages.append({"role": "assistant", "content": answer})
+    return {"messages": messages, "images": [image]}
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def easy_vqa_chats(recipe: Recipe) -> list[dict[str, Any]]:
+    """easy-VQA train questions grouped per image into chats of up to `recipe.turns` turns."""
+    from ..data.easy_vqa import EasyVQADataset
+
+    dataset = EasyVQADataset("train", limit=recipe.easy_vqa_limit, seed=recipe.seed)
+    by_image: dict[int, list[dict[str, Any]]] = {}
+    for example in dataset.examples:
+        by_image.setdefault(example["image_id"], []).append(example)
+    rng = random.Random(f"easy_vqa/{recipe.seed}")
+    chats = []
+    for examples in by_image.values():
+        qa = [(e["question"], e["answer"]) for e in examples]
+        rng.shuffle(qa)
+        chats += [_chat(examples[0]["image"], chunk) for chunk in _chunks(qa, recipe.turns)]
+    return chats
+
+
+def shapes_examples(recipe: Recipe, split: str = "train", n: int | None = None) -> list[dict[str, Any]]:
+    """Per scene: a caption example and a chat of up to `recipe.turns` template questions."""
+    scenes = make_shapes_split(
+        split, recipe.shapes_train_scenes if n is None else n, recipe.seed, recipe.scene_size
+    )
+    rng = random.Random(f"shapes/{split}/{recipe.seed}")
+    examples = []
+    for scene in scenes:
+        examples.append({"image": scene["image"], "prompt": CAPTION_PROMPT, "answer": scene["caption"]})
+        qa = list(scene["qa"])
+        rng.shuffle(qa)
+        examples.append(_chat(scene["image"], qa[: recipe.turns]))
+    return examples
+
+
+def build_train_dataset(recipe: Recipe) -> ExampleList:
+    """The recipe's training mixture (easy-VQA chats + shapes captions and chats), shuffled with the seed."""
+    examples = easy_vqa_chats(recipe) + shapes_examples(recipe)
+    random.Random(f"mixture/{recipe.seed}").shuffle(examples)
+    return ExampleList(examples)
+
+
+def recipe_texts(recipe: Recipe) -> list[str]:
+    """The tokenizer's training corpus: every question, answer and caption of the recipe's train data."""
+    from ..data.easy_vqa import _import_easy_vqa
+
+    easy_vqa = _import_easy_vqa()
+    questions, answers, _ = easy_vqa.get_train_questions()
+    texts = list(ASSISTANT_SYSTEM_TEXTS) * 50
+    texts += [f"{q} {a}" for q, a in zip(questions, answers)]
+    for scene in make_shapes_split("train", recipe.shapes_train_scenes, recipe.seed, recipe.scene_size):
+        texts.append(scene["caption"])
+        texts += [f"{q} {a}" for q, a in scene["qa"]]
+    return texts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer, processor, model config
+# ----------------------------------------------------------------------------------------------------------
+
+
+def build_processor(recipe: Recipe, tokenizer=None) -> VLMambaProcessor:
+    """Image processor (resize to image_size) + the recipe's BPE tokenizer, image tokens per image set."""
+    if tokenizer is None:
+        tokenizer = build_tokenizer(recipe_texts(recipe), vocab_size=recipe.vocab_size)
+    image_processor = VLMambaImageProcessor(size={"height": recipe.image_size, "width": recipe.image_size})
+    return VLMambaProcessor(image_processor, tokenizer, image_seq_length=num_image_tokens(recipe))
+
+
+def num_image_tokens(recipe: Recipe) -> int:
+    return (recipe.image_size // recipe.patch_size) ** 2
+
+
+def build_model_config(recipe: Recipe, tokenizer) -> VLMambaConfig:
+    """VLMambaConfig for the recipe; vocabulary and special token ids from the tokenizer."""
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=recipe.text_hidden_size,
+        num_hidden_layers=recipe.text_layers,
+        state_size=recipe.state_size,
+        expand=recipe.expand,
+        conv_kernel=4,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    if recipe.ssm_layer == "mamba2":
+        text_config = Mamba2Config(
+            head_dim=recipe.head_dim,
+            num_heads=recipe.expand * recipe.text_hidden_size // recipe.head_dim,
+            n_groups=recipe.n_groups,
+            chunk_size=recipe.chunk_size,
+            **common,
+        )
+    elif recipe.ssm_layer == "mamba1":
+        text_config = MambaConfig(**common)
+    else:
+        raise ValueError(f"Unknown ssm_layer {recipe.ssm_layer!r}; use 'mamba1' or 'mamba2'.")
+    vision_config = VLMambaVisionConfig(
+        image_size=recipe.image_size,
+        patch_size=recipe.patch_size,
+        hidden_size=recipe.vision_hidden_size,
+        num_hidden_layers=recipe.vision_layers,
+        state_size=recipe.state_size,
+        use_cls_token=False,
+        ssm_layer=recipe.ssm_layer,
+        head_dim=recipe.head_dim,
+        n_groups=recipe.n_groups,
+        chunk_size=recipe.chunk_size,
+    )
+    return VLMambaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        vision_mode=recipe.vision_mode,
+        image_token_id=tokenizer.convert_tokens_to_ids(tokenizer.image_token),
+        projector_expansion=recipe.projector_expansion,
+        projector_layernorm=recipe.projector_layernorm,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+__all__ = [
+    "RECIPES",
+    "ExampleList",
+    "Recipe",
+    "build_model_config",
+    "build_processor",
+    "build_train_dataset",
+    "easy_vqa_chats",
+    "get_recipe",
+    "num_image_tokens",
+    "recipe_texts",
+    "shapes_examples",
+]
