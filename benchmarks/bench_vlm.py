@@ -101,8 +101,14 @@ def small_config(tokenizer) -> VLMambaConfig:
 
 def ours_config_and_processor() -> tuple[VLMambaConfig, VLMambaProcessor, str]:
     """The default model's config (and processor, when it ships one), else the small config and a new tokenizer."""
-    if (DEFAULT_MODEL_DIR / "config.json").exists():
-        config = VLMambaConfig.from_pretrained(DEFAULT_MODEL_DIR)
+    default = (
+        VLMambaConfig.from_pretrained(DEFAULT_MODEL_DIR)
+        if (DEFAULT_MODEL_DIR / "config.json").exists()
+        else None
+    )
+    # A Fuyu-mode default has a one-Linear tower that no attention tower can match in size: use the small config.
+    if default is not None and default.vision_mode == "encoder":
+        config = default
         try:
             processor = AutoProcessor.from_pretrained(DEFAULT_MODEL_DIR)
             return config, processor, f"{DEFAULT_MODEL_DIR} (config and processor; random weights)"
@@ -112,7 +118,7 @@ def ours_config_and_processor() -> tuple[VLMambaConfig, VLMambaProcessor, str]:
     else:
         tokenizer = build_tokenizer(CORPUS_SENTENCES * 50, vocab_size=512)
         config = small_config(tokenizer)
-        source = "small config (no vlm_mamba_hf/default_model/ found)"
+        source = "small config (the default model is missing or has a Fuyu tower that LLaVA cannot match)"
     size = config.vision_config.image_size
     processor = VLMambaProcessor(
         VLMambaImageProcessor(size={"height": size, "width": size}),
