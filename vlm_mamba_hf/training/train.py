@@ -3,14 +3,16 @@
     python -m vlm_mamba_hf.training.train --recipe default --output-dir runs/default
     vlm-mamba train --recipe default                                   # the same, through the CLI
     torchrun --nproc_per_node 2 -m vlm_mamba_hf.training.train --recipe tiny --output-dir runs/ddp
-    accelerate launch --cpu --num_processes 2 -m vlm_mamba_hf.training.train --recipe tiny --output-dir runs/acc
+    accelerate launch --multi_gpu --num_processes 2 -m vlm_mamba_hf.training.train --recipe tiny --output-dir runs/acc
 
 The final checkpoint folder (`<output-dir>/final` unless `--save-dir`) holds config.json,
 model.safetensors, the processor (tokenizer + image processor), generation_config.json, the recipe, the
 evaluation results and a model card (README.md): it loads with `from_pretrained` and with
 `pipeline("image-text-to-text", model=...)`. Intermediate Trainer checkpoints (`checkpoint-<step>`) resume
 with `--resume-from-checkpoint`; a checkpoint of another model config is refused with the differing fields.
-See docs/training.md for multi-GPU, multi-node and FSDP launches.
+On a machine without CUDA, accelerate's multi-process launcher (`--multi_gpu`) runs the processes on CPU with
+gloo; `accelerate launch --cpu` starts a single process. See docs/training.md for multi-GPU, multi-node and
+FSDP launches.
 """
 
 from __future__ import annotations
@@ -300,7 +302,20 @@ def model_card_sections(summary: dict[str, Any]) -> dict[str, str]:
         "intended_use": (
             'Captions ("Describe the image.") and short answers about 64x64 images of simple coloured shapes '
             "(easy-VQA style, procedural shape scenes); a demonstration and test fixture of the architecture, "
-            "not a general-purpose VLM."
+            "not a general-purpose VLM.\n\n"
+            "Prompt format (the processor's chat template): `USER: <image>\\n{question} ASSISTANT:`; build it with "
+            "`processor.apply_chat_template(messages, add_generation_prompt=True)` or pass chat messages to the "
+            "pipeline:\n\n"
+            "```python\n"
+            "import vlm_mamba_hf\n"
+            "from transformers import pipeline\n"
+            'pipe = pipeline("image-text-to-text", model=vlm_mamba_hf.DEFAULT_MODEL)\n'
+            'messages = [{"role": "user", "content": [{"type": "image", "url": "shapes.png"},\n'
+            '                                         {"type": "text", "text": "Describe the image."}]}]\n'
+            "pipe(text=messages, max_new_tokens=48, return_full_text=False)\n"
+            "```\n\n"
+            'or the command line: `vlm-mamba caption shapes.png`, `vlm-mamba vqa shapes.png "what color is the '
+            'shape?"`, `vlm-mamba demo`.'
         ),
         "sources": sources,
         "evaluation": text,
