@@ -1,6 +1,7 @@
 """The VLM: vision tower, bridger, image-token fusion, Auto classes, save/load and the pipeline."""
 
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -376,7 +377,16 @@ def test_pipeline_batch_of_different_images_and_prompts_with_beams(pipe, model, 
 
 
 def test_image_to_text_task_is_redirected_and_captions(saved_folder, pipe):
-    redirected = pipeline("image-to-text", model=str(saved_folder))
+    # transformers 5.24 logs the redirect with a stray format argument (its own bug); when the log
+    # record propagates to pytest's capture handler that formatting error is raised. Silence only
+    # that logger: the redirect itself is what this test checks.
+    pipelines_logger = logging.getLogger("transformers.pipelines")
+    previous_level = pipelines_logger.level
+    pipelines_logger.setLevel(logging.ERROR)
+    try:
+        redirected = pipeline("image-to-text", model=str(saved_folder))
+    finally:
+        pipelines_logger.setLevel(previous_level)
     assert type(redirected) is type(pipe)
     image = random_image(11)
     kwargs = dict(text="<image>", max_new_tokens=4, do_sample=False, return_full_text=False)
