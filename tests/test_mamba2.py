@@ -287,3 +287,80 @@ def test_head_dim_not_dividing_inner_size_fails_at_config_time():
 def test_invalid_mamba2_vision_config_fails_at_config_time_naming_the_field(overrides, field):
     with pytest.raises((ValueError, StrictDataclassClassValidationError), match=field):
         tiny_mamba2_vision_config(**overrides)
+
+
+# --- vision Mamba-2 time_step_limit ------------------------------------------------------------------------
+
+# What VLMambaMamba2Mixer (and its block) read from the config it is built from.
+MIXER_FIELDS = (
+    "hidden_size",
+    "expand",
+    "head_dim",
+    "n_groups",
+    "state_size",
+    "chunk_size",
+    "conv_kernel",
+    "hidden_act",
+    "use_bias",
+    "use_conv_bias",
+    "layer_norm_epsilon",
+    "residual_in_fp32",
+    "time_step_min",
+    "time_step_max",
+    "time_step_floor",
+    "time_step_limit",
+)
+
+
+def test_mamba2_vision_config_has_every_field_the_mixer_reads_with_mamba2_defaults():
+    vision = VLMambaVisionConfig(ssm_layer="mamba2")
+    text = Mamba2Config()
+    missing = [name for name in MIXER_FIELDS if name not in vision.to_dict()]
+    assert not missing
+    for name in ("time_step_min", "time_step_max", "time_step_floor", "conv_kernel"):
+        assert getattr(vision, name) == getattr(text, name), name
+    assert vision.time_step_limit == tuple(text.time_step_limit) == (0.0, float("inf"))
+
+
+def test_vision_time_step_limit_reaches_the_mixer_and_clamps_dt():
+    torch.manual_seed(0)
+    free = make_lively(VLMambaVisionModel(tiny_mamba2_vision_config()))
+    clamped = VLMambaVisionModel(tiny_mamba2_vision_config(time_step_limit=(0.0, 1e-3))).eval()
+    clamped.load_state_dict(free.state_dict())
+    assert clamped.layers[0].mixer.time_step_limit == (0.0, 1e-3)
+    assert free.layers[0].mixer.time_step_limit == (0.0, float("inf"))
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert (free(pixels).last_hidden_state - clamped(pixels).last_hidden_state).abs().max() > 1e-4
+
+
+def test_vision_time_step_limit_round_trips_through_dict_and_save_load(tmp_path):
+    vision = tiny_mamba2_vision_config(time_step_limit=[0, 0.5])
+    assert vision.time_step_limit == (0.0, 0.5)
+    assert VLMambaVisionConfig.from_dict(vision.to_dict()).time_step_limit == (0.0, 0.5)
+    vision.save_pretrained(tmp_path / "vision")
+    assert VLMambaVisionConfig.from_pretrained(tmp_path / "vision").time_step_limit == (0.0, 0.5)
+
+    default = tiny_mamba2_vision_config()
+    default.save_pretrained(tmp_path / "default")
+    assert VLMambaVisionConfig.from_pretrained(tmp_path / "default").time_step_limit == (0.0, float("inf"))
+
+    config = VLMambaConfig(vision_config=vision, text_config=tiny_mamba2_config(), image_token_id=5)
+    model = VLMambaForConditionalGeneration(config)
+    model.save_pretrained(tmp_path / "vlm")
+    reloaded = VLMambaForConditionalGeneration.from_pretrained(tmp_path / "vlm")
+    assert reloaded.config.vision_config.time_step_limit == (0.0, 0.5)
+    assert reloaded.model.vision_tower.layers[0].mixer.time_step_limit == (0.0, 0.5)
+
+
+@pytest.mark.parametrize("limit", [(0.5, 0.1), (0.1,), (0.0, 0.1, 0.2), (0.0, float("nan")), ("a", "b")])
+def test_invalid_vision_time_step_limit_fails_naming_the_field(limit):
+    with pytest.raises((ValueError, TypeError, StrictDataclassClassValidationError), match="time_step_limit"):
+        tiny_mamba2_vision_config(time_step_limit=limit)
+
+
+def test_invalid_text_time_step_limit_fails_naming_the_field():
+    config = tiny_mamba2_config()
+    config.time_step_limit = (0.2, 0.1)
+    with pytest.raises(ValueError, match="time_step_limit"):
+        VLMambaForCausalLM(config)

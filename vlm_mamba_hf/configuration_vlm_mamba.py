@@ -41,6 +41,7 @@ def validate_mamba_text_config(config: PreTrainedConfig) -> None:
     )
     if model_type == "mamba2":
         validate_mamba2_fields(config)
+        validate_time_step_limit(config)
         if config.num_heads != config.expand * config.hidden_size // config.head_dim:
             raise ValueError(
                 f"{type(config).__name__}.num_heads ({config.num_heads}) must equal expand * hidden_size / head_dim "
@@ -79,6 +80,23 @@ def validate_mamba2_fields(config: PreTrainedConfig) -> None:
         )
 
 
+def _is_number_sequence(value: object) -> bool:
+    """A list or tuple of ints and floats (bools excluded), of any length."""
+    return isinstance(value, (list, tuple)) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    )
+
+
+def validate_time_step_limit(config: PreTrainedConfig) -> None:
+    """`time_step_limit` is two numbers (low, high) with low <= high: the range dt is clamped to (Mamba-2)."""
+    limit = getattr(config, "time_step_limit", None)
+    if not _is_number_sequence(limit) or len(limit) != 2 or not limit[0] <= limit[1]:
+        raise ValueError(
+            f"{type(config).__name__}.time_step_limit must be two numbers (low, high) with low <= high, the range "
+            f"the Mamba-2 time step dt is clamped to; got {limit!r}. Use (0.0, float('inf')) for no clamping."
+        )
+
+
 @strict
 class VLMambaVisionConfig(PreTrainedConfig):
     r"""
@@ -107,6 +125,9 @@ class VLMambaVisionConfig(PreTrainedConfig):
             Mamba-2 / SSD).
         head_dim, n_groups, chunk_size (`int`): Mamba-2 only: channels per head (must divide
             `expand * hidden_size`), groups sharing B and C (must divide the heads), scan chunk length.
+        time_step_limit (`tuple[float, float]`): Mamba-2 only: the range (low, high) that dt = softplus(dt + dt_bias)
+            is clamped to, as in transformers' `Mamba2Config`; the default (0.0, inf) does not clamp. Stored as a
+            tuple of floats.
     """
 
     model_type = "vlm_mamba_vision"
@@ -139,8 +160,12 @@ class VLMambaVisionConfig(PreTrainedConfig):
     head_dim: int = 64
     n_groups: int = 1
     chunk_size: int = 256
+    time_step_limit: list[int | float] | tuple[int | float, ...] = (0.0, float("inf"))
 
     def __post_init__(self, **kwargs):
+        # JSON gives back a list: keep one form so that a saved and reloaded config compares equal.
+        if _is_number_sequence(self.time_step_limit):
+            self.time_step_limit = tuple(float(v) for v in self.time_step_limit)
         if self.time_step_rank == "auto":
             self.time_step_rank = -(-self.hidden_size // 16) if isinstance(self.hidden_size, int) else 1
         super().__post_init__(**kwargs)
@@ -177,6 +202,7 @@ class VLMambaVisionConfig(PreTrainedConfig):
             )
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
             raise ValueError(f"hidden_act must be one of {SUPPORTED_ACTIVATIONS}, got {self.hidden_act!r}.")
+        validate_time_step_limit(self)
         if self.ssm_layer == "mamba2":
             validate_mamba2_fields(self)
 
