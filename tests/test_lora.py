@@ -11,13 +11,23 @@ from vlm_mamba_hf import (
     LoRAConfig,
     VLMamba,
     VLMambaConfig,
+    VLMambaForCausalLM,
     VLMambaForConditionalGeneration,
     VLMambaVisionConfig,
 )
-from vlm_mamba_hf.lora import apply_lora, load_lora_adapter, merge_lora
+from vlm_mamba_hf.lora import (
+    apply_lora,
+    default_lora_config,
+    default_target_modules,
+    load_lora_adapter,
+    merge_lora,
+)
 
 IMAGE_TOKEN_ID = 4
 N_IMAGE_TOKENS = 4  # 16 px / patch 8 -> 2 x 2 patches
+SSM_LAYERS = ("mamba1", "mamba2")
+# The projections a default LoRA config adapts in each mixer kind (every nn.Linear of the mixer).
+ADAPTED = {"mamba1": {"in_proj", "x_proj", "dt_proj", "out_proj"}, "mamba2": {"in_proj", "out_proj"}}
 
 
 def _text_config(hidden_size: int, num_hidden_layers: int, ssm_layer: str):
@@ -38,7 +48,9 @@ def _text_config(hidden_size: int, num_hidden_layers: int, ssm_layer: str):
     return tiny_text_config(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers)
 
 
-def _config(hidden_size=32, num_hidden_layers=2, vision_mode="encoder", ssm_layer="mamba1") -> VLMambaConfig:
+def _config(
+    hidden_size=32, num_hidden_layers=2, vision_mode="encoder", ssm_layer="mamba1", vision_ssm_layer=None
+) -> VLMambaConfig:
     return VLMambaConfig(
         vision_config=VLMambaVisionConfig(
             image_size=16,
@@ -47,7 +59,7 @@ def _config(hidden_size=32, num_hidden_layers=2, vision_mode="encoder", ssm_laye
             num_hidden_layers=1,
             state_size=4,
             use_cls_token=False,
-            ssm_layer=ssm_layer,
+            ssm_layer=vision_ssm_layer or ssm_layer,
             head_dim=16,
         ),
         text_config=_text_config(hidden_size, num_hidden_layers, ssm_layer),
@@ -82,26 +94,45 @@ def _lora_model(seed=0, scale=0.5, **config_kwargs):
     return _randomise_adapters(apply_lora(_base(**config_kwargs)), seed, scale)
 
 
-def test_only_adapters_and_saved_modules_train():
-    model = apply_lora(_base())
+def _adapted_projections(model, part: str = "language_model") -> set[str]:
+    """Names (in_proj, ...) of the mixer modules under `part` (language_model, backbone, vision_tower) with LoRA."""
+    return {
+        name.split(".mixer.")[1].split(".")[0]
+        for name, _ in model.named_parameters()
+        if f"{part}.layers." in name and ".lora_A." in name
+    }
+
+
+def _mixer_linears(model, part: str) -> set[str]:
+    """Names of every nn.Linear inside the mixers under `part`."""
+    return {
+        name.split(".mixer.")[1]
+        for name, module in model.named_modules()
+        if f"{part}.layers." in name and ".mixer." in name and isinstance(module, torch.nn.Linear)
+    }
+
+
+@pytest.mark.parametrize("ssm_layer", SSM_LAYERS)
+def test_only_adapters_and_saved_modules_train(ssm_layer):
+    model = apply_lora(_base(ssm_layer=ssm_layer))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable
     for name in trainable:
         assert "lora_A" in name or "lora_B" in name or "multi_modal_projector.modules_to_save" in name, name
-    assert any(".in_proj.lora_A" in n for n in trainable)
-    assert any(".x_proj.lora_A" in n for n in trainable)
-    assert any(".dt_proj.lora_A" in n for n in trainable)
-    assert any(".out_proj.lora_A" in n for n in trainable)
+    assert _adapted_projections(model) == ADAPTED[ssm_layer]
+    assert any("multi_modal_projector.modules_to_save" in n for n in trainable)
     # A backward pass leaves frozen weights without gradients.
     out = model(**_inputs(), labels=_inputs()["input_ids"])
     out.loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
     for name, param in model.named_parameters():
         if not param.requires_grad:
             assert param.grad is None, name
 
 
-def test_adapter_saves_as_safetensors_and_reloads_to_identical_logits(tmp_path):
-    model = _lora_model().eval()
+@pytest.mark.parametrize("ssm_layer", SSM_LAYERS)
+def test_adapter_saves_as_safetensors_and_reloads_to_identical_logits(tmp_path, ssm_layer):
+    model = _lora_model(ssm_layer=ssm_layer).eval()
     inputs = _inputs()
     with torch.no_grad():
         expected = model(**inputs).logits
@@ -111,12 +142,12 @@ def test_adapter_saves_as_safetensors_and_reloads_to_identical_logits(tmp_path):
         keys = list(handle.keys())
     assert keys and all("lora_" in k or "multi_modal_projector" in k for k in keys)
     # Reloaded for training (adapters require grad, as in `model`): bit-identical logits.
-    reloaded = load_lora_adapter(_base(), tmp_path, is_trainable=True).eval()
+    reloaded = load_lora_adapter(_base(ssm_layer=ssm_layer), tmp_path, is_trainable=True).eval()
     assert isinstance(reloaded, PeftModel)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=0, rtol=0)
     # Reloaded for inference (frozen adapters): the same up to fp32 rounding.
-    frozen = load_lora_adapter(_base(), tmp_path).eval()
+    frozen = load_lora_adapter(_base(ssm_layer=ssm_layer), tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(frozen(**inputs).logits, expected, atol=1e-4, rtol=1e-5)
 
@@ -130,8 +161,9 @@ def test_adapter_for_another_base_model_is_refused_with_the_mismatch(tmp_path):
         load_lora_adapter(_base(num_hidden_layers=4), tmp_path)
 
 
-def test_merge_and_unload_matches_the_adapted_model():
-    model = _lora_model(scale=0.1).eval()
+@pytest.mark.parametrize("ssm_layer", SSM_LAYERS)
+def test_merge_and_unload_matches_the_adapted_model(ssm_layer):
+    model = _lora_model(scale=0.1, ssm_layer=ssm_layer).eval()
     inputs = _inputs()
     with torch.no_grad():
         expected = model(**inputs).logits
@@ -182,10 +214,67 @@ def test_adapter_changes_the_output_on_every_compute_path(vision_mode, ssm_layer
         assert (scores - base_scores).abs().max() > 1e-3
 
 
-def test_seed_style_lora_config_trains_only_adapters():
-    config = _config()
+@pytest.mark.parametrize("ssm_layer", SSM_LAYERS)
+def test_seed_style_lora_config_trains_only_adapters(ssm_layer):
+    config = _config(ssm_layer=ssm_layer)
     config.lora = LoRAConfig(rank=4, alpha=8)
     model = VLMamba(config)
     assert isinstance(model.hf_model, PeftModel)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
+
+
+# --- default targets follow the mixer kind ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text_layer", SSM_LAYERS)
+@pytest.mark.parametrize("vision_layer", SSM_LAYERS)
+def test_default_targets_are_every_mixer_projection_of_each_side(text_layer, vision_layer):
+    base = _base(ssm_layer=text_layer, vision_ssm_layer=vision_layer)
+    text_linears, vision_linears = (
+        _mixer_linears(base, "language_model"),
+        _mixer_linears(base, "vision_tower"),
+    )
+    config = default_lora_config(include_vision=True, model_config=base.config)
+    model = apply_lora(base, config)
+    assert _adapted_projections(model, "language_model") == text_linears == ADAPTED[text_layer]
+    assert _adapted_projections(model, "vision_tower") == vision_linears
+    assert ("x_proj_b" in vision_linears) == (vision_layer == "mamba1")
+
+
+def test_vision_adapter_changes_the_output_of_a_mamba2_tower():
+    base = _base(ssm_layer="mamba2")
+    model = apply_lora(base, default_lora_config(include_vision=True, model_config=base.config)).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name and "vision_tower" in name:  # text adapters stay a no-op (lora_B = 0)
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+        inputs = _inputs(batch=1)
+        with_lora = model(**inputs).logits
+        with model.disable_adapter():
+            without = model(**inputs).logits
+    assert (with_lora - without).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("ssm_layer", SSM_LAYERS)
+def test_text_only_model_gets_a_default_config_that_peft_accepts(ssm_layer):
+    # PEFT refuses out_proj on configs whose model_type is "mamba"/"mamba2", which a text-only model carries.
+    torch.manual_seed(0)
+    base = make_lively(VLMambaForCausalLM(_text_config(32, 2, ssm_layer)))
+    model = _randomise_adapters(apply_lora(base)).eval()
+    assert _adapted_projections(model, "backbone") == ADAPTED[ssm_layer] - {"out_proj"}
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    ids = torch.randint(5, 97, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with_lora = model(input_ids=ids).logits
+        with model.disable_adapter():
+            without = model(input_ids=ids).logits
+    assert (with_lora - without).abs().max() > 1e-3
+
+
+def test_default_config_without_the_model_config_still_fits_a_mamba2_model():
+    # What compat.VLMamba builds: no model config, Mamba-1 names; a Mamba-2 model keeps the two it has.
+    assert "x_proj" in default_target_modules()
+    model = apply_lora(_base(ssm_layer="mamba2"), default_lora_config())
+    assert _adapted_projections(model) == ADAPTED["mamba2"]

@@ -1,7 +1,10 @@
 """LoRA through PEFT: default targets that every compute path honours, and apply/merge helpers.
 
 Every projection in VLMamba's mixers is called as a module (never through its raw weight), so LoRA
-adapters on in_proj, x_proj, dt_proj and out_proj take effect on every path, CPU or CUDA.
+adapters on them take effect on every path, CPU or CUDA. The default targets follow the mixer kind:
+a Mamba-1 mixer has in_proj, x_proj, dt_proj and out_proj; a Mamba-2 (SSD) mixer only in_proj and
+out_proj (its conv1d is a depthwise Conv1d and dt, B, C come out of in_proj), so LoRA on in_proj
+adapts dt, B, C, x and the gate together.
 """
 
 from __future__ import annotations
@@ -13,20 +16,51 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from safetensors import safe_open
+from transformers import PreTrainedConfig
 
 TEXT_LORA_MODULES = ("in_proj", "x_proj", "dt_proj", "out_proj")
 VISION_LORA_MODULES = ("in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b", "out_proj")
+MAMBA2_LORA_MODULES = ("in_proj", "out_proj")  # text and vision: the bidirectional mixer shares both
 BRIDGER_MODULE = "multi_modal_projector"
+# PEFT refuses LoRA on these whenever `model.config.model_type` is "mamba" or "mamba2" (transformers' fused
+# kernel bypasses them). A text-only VLMambaForCausalLM carries such a config, so its defaults leave them out.
+PEFT_REFUSED_ON_MAMBA_CONFIGS = ("out_proj", "conv1d")
 
 
-def default_target_modules(include_vision: bool = False) -> str:
-    """A regex for PEFT's `target_modules`: the language model's mixer projections (and the vision tower's)."""
-    text = (
-        r"(?:.*\.)?(?:language_model|backbone)\.layers\.\d+\.mixer\.(?:" + "|".join(TEXT_LORA_MODULES) + ")"
-    )
+def ssm_layers(model_config: PreTrainedConfig) -> tuple[str, str | None]:
+    """(text mixer kind, vision mixer kind or None), each "mamba1" or "mamba2", of a VLMamba or text-only config.
+
+    A `VLMambaConfig` gives both (its text_config's model_type, its vision_config's `ssm_layer`); a text
+    config (`MambaConfig`, `Mamba2Config`, as used by `VLMambaForCausalLM`) gives no vision kind.
+    """
+    text_config = getattr(model_config, "text_config", None)
+    text_config = model_config if text_config is None else text_config
+    text = "mamba2" if getattr(text_config, "model_type", None) == "mamba2" else "mamba1"
+    vision_config = getattr(model_config, "vision_config", None)
+    if vision_config is None:
+        return text, None
+    return text, getattr(vision_config, "ssm_layer", "mamba1")
+
+
+def default_target_modules(include_vision: bool = False, model_config: PreTrainedConfig | None = None) -> str:
+    """A regex for PEFT's `target_modules`: the language model's mixer projections (and the vision tower's).
+
+    With `model_config` (a `VLMambaConfig`, or the text config of a `VLMambaForCausalLM`) the names follow
+    its mixers: in_proj/x_proj/dt_proj/out_proj for Mamba-1, in_proj/out_proj for Mamba-2, for the text and
+    (with `include_vision`) the vision side separately. A text-only config (model_type "mamba"/"mamba2")
+    drops out_proj, which PEFT refuses on such configs (see `PEFT_REFUSED_ON_MAMBA_CONFIGS`), although
+    VLMamba's mixers never bypass it. Without `model_config` the Mamba-1 names are used; a Mamba-2 VLMamba
+    still gets LoRA on in_proj and out_proj, the names its mixers lack being simply not matched.
+    """
+    text_kind, vision_kind = ssm_layers(model_config) if model_config is not None else ("mamba1", "mamba1")
+    text_modules = MAMBA2_LORA_MODULES if text_kind == "mamba2" else TEXT_LORA_MODULES
+    if model_config is not None and vision_kind is None:
+        text_modules = tuple(m for m in text_modules if m not in PEFT_REFUSED_ON_MAMBA_CONFIGS)
+    text = r"(?:.*\.)?(?:language_model|backbone)\.layers\.\d+\.mixer\.(?:" + "|".join(text_modules) + ")"
     if not include_vision:
         return text
-    vision = r"(?:.*\.)?vision_tower\.layers\.\d+\.mixer\.(?:" + "|".join(VISION_LORA_MODULES) + ")"
+    vision_modules = MAMBA2_LORA_MODULES if vision_kind == "mamba2" else VISION_LORA_MODULES
+    vision = r"(?:.*\.)?vision_tower\.layers\.\d+\.mixer\.(?:" + "|".join(vision_modules) + ")"
     return f"(?:{text})|(?:{vision})"
 
 
@@ -36,22 +70,34 @@ def default_lora_config(
     lora_dropout: float = 0.0,
     include_vision: bool = False,
     train_bridger: bool = True,
+    model_config: PreTrainedConfig | None = None,
     **kwargs,
 ) -> LoraConfig:
-    """PEFT LoraConfig for VLMamba: LoRA on in_proj/x_proj/dt_proj/out_proj, the bridger fully trained."""
+    """PEFT LoraConfig for VLMamba: LoRA on the mixer projections, the bridger fully trained.
+
+    Pass `model_config=model.config` to target exactly the projections the model's mixers have (see
+    `default_target_modules`); a text-only config (no bridger) then gets no `modules_to_save`.
+    """
+    has_bridger = model_config is None or getattr(model_config, "vision_config", None) is not None
     return LoraConfig(
         r=r,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
-        target_modules=default_target_modules(include_vision),
-        modules_to_save=[BRIDGER_MODULE] if train_bridger else None,
+        target_modules=default_target_modules(include_vision, model_config),
+        modules_to_save=[BRIDGER_MODULE] if train_bridger and has_bridger else None,
         **kwargs,
     )
 
 
 def apply_lora(model: torch.nn.Module, config: LoraConfig | None = None) -> PeftModel:
-    """Wrap `model` with PEFT LoRA adapters (default config when none is given); only adapters train."""
-    return get_peft_model(model, config if config is not None else default_lora_config())
+    """Wrap `model` with PEFT LoRA adapters; only adapters (and `modules_to_save`) train.
+
+    Without `config`, `default_lora_config(model_config=model.config)`: targets that match the model's
+    mixers, Mamba-1 or Mamba-2.
+    """
+    if config is None:
+        config = default_lora_config(model_config=getattr(model, "config", None))
+    return get_peft_model(model, config)
 
 
 def merge_lora(model: PeftModel) -> torch.nn.Module:
@@ -137,6 +183,8 @@ def load_lora_adapter(
 __all__ = [
     "TEXT_LORA_MODULES",
     "VISION_LORA_MODULES",
+    "MAMBA2_LORA_MODULES",
+    "ssm_layers",
     "default_target_modules",
     "default_lora_config",
     "apply_lora",
