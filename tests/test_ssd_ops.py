@@ -173,6 +173,27 @@ def test_channels_last_conv_matches_reference_values_and_gradients(k):
     assert torch.autograd.gradcheck(lambda *args: causal_conv1d_rows(*args), (x, weight))
 
 
+@pytest.mark.parametrize("p,n,chunk", [(32, 16, 256), (64, 128, 256), (3, 5, 4), (8, 16, 1)])
+def test_cpu_dispatch_picks_its_own_chunk_length_without_changing_the_result(monkeypatch, p, n, chunk):
+    used = []
+    real = ops_ssd.ssd_chunked
+
+    def spy(x, dt, A, B, C, chunk_size, *args):
+        used.append(chunk_size)
+        return real(x, dt, A, B, C, chunk_size, *args)
+
+    monkeypatch.setattr(ops_ssd, "ssd_chunked", spy)
+    inputs = _ssd_inputs(2, 70, 2, p, 1, n, dt_shift=1.0)
+    y, h_last = ssd_scan(**inputs, chunk_size=chunk, dt_softplus=True, return_final_state=True)
+    y_ref, h_ref = ssd_scan_ref(**inputs, dt_softplus=True, return_final_state=True)
+    assert _rel_err(y_ref, y) <= FP32_REL_TOL and _rel_err(h_ref, h_last) <= FP32_REL_TOL
+    # Never longer than the configured chunk or the 64-step cap; near sqrt(head_dim * state) otherwise.
+    assert len(used) == 1 and 1 <= used[0] <= min(chunk, 64)
+    assert used[0] == min(chunk, 64, ops_ssd._torch_chunk(chunk, p, n))
+    if chunk >= 64:
+        assert used[0] / 2 <= (p * n) ** 0.5 <= used[0] * 2
+
+
 def test_mismatched_shapes_are_a_clear_error():
     inputs = _ssd_inputs(1, 5, 4, 3, 3, 5)  # 3 groups do not divide 4 heads
     with pytest.raises(ValueError, match="g dividing h"):
