@@ -2,13 +2,14 @@
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import MambaConfig, MambaForCausalLM
+from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
 from vlm_mamba_hf import (
     VLMambaConfig,
@@ -56,6 +57,28 @@ def _tiny_lm(vocab_size: int = VOCAB, seed: int = 0) -> MambaForCausalLM:
     return _randomize(MambaForCausalLM(config), seed)
 
 
+def _tiny_mamba2_config(vocab_size: int = VOCAB, **overrides) -> Mamba2Config:
+    # inner size 64 = 8 heads of 8 channels in 2 groups; chunk_size 5: the converter's 16-token check and
+    # _logits_diff's 12 tokens span several chunks and end inside one.
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        state_size=8,
+        expand=2,
+        head_dim=8,
+        num_heads=8,
+        n_groups=2,
+        chunk_size=5,
+    )
+    return Mamba2Config(**{**kwargs, **overrides})
+
+
+def _tiny_mamba2_lm(vocab_size: int = VOCAB, seed: int = 0) -> Mamba2ForCausalLM:
+    torch.manual_seed(seed)
+    return _randomize(Mamba2ForCausalLM(_tiny_mamba2_config(vocab_size)), seed)
+
+
 def _tiny_vision_config() -> VLMambaVisionConfig:
     return VLMambaVisionConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2, state_size=4)
 
@@ -72,12 +95,19 @@ def _logits_diff(source: MambaForCausalLM, converted_dir: Path, vocab: int, avoi
     return (expected - actual).abs().max().item()
 
 
+def _subprocess_env() -> dict[str, str]:
+    """The environment with this checkout first on PYTHONPATH, whether or not (or wherever) it is pip-installed."""
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": pythonpath}
+
+
 def _run_script(name: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(SCRIPTS / name), *args],
         capture_output=True,
         text=True,
         timeout=120,
+        env=_subprocess_env(),
     )
 
 
@@ -135,6 +165,97 @@ def ssm_lm(tmp_path_factory):
     (folder / "config.json").write_text(json.dumps(config))
     torch.save(_ssm_state_dict(model), folder / "pytorch_model.bin")
     return folder, model
+
+
+@pytest.fixture(scope="module")
+def hf_mamba2_lm(tmp_path_factory):
+    """A folder written by transformers' Mamba2ForCausalLM.save_pretrained (untied lm_head), with a tokenizer
+    that lacks <image>."""
+    folder = tmp_path_factory.mktemp("hf_mamba2_lm")
+    model = _tiny_mamba2_lm(seed=6)
+    assert not model.config.tie_word_embeddings
+    model.save_pretrained(folder)
+    build_tokenizer(TEXTS, vocab_size=VOCAB, image_token="<img>").save_pretrained(folder)
+    return folder, model
+
+
+# An original mamba_ssm Mamba-2 LM: d_model 32, 2 layers, vocab 270 padded to 272, headdim 8 (8 heads), 2 groups,
+# d_state 8, chunk_size 5 and a dt_limit that clamps, so that every mapped field matters.
+SSM2_CONFIG = {
+    "d_model": 32,
+    "d_intermediate": 0,
+    "n_layer": 2,
+    "vocab_size": 270,
+    "ssm_cfg": {
+        "layer": "Mamba2",
+        "d_state": 8,
+        "headdim": 8,
+        "ngroups": 2,
+        "chunk_size": 5,
+        "dt_limit": [0.0, 0.5],
+    },
+    "attn_layer_idx": [],
+    "attn_cfg": {},
+    "rms_norm": True,
+    "residual_in_fp32": True,
+    "fused_add_norm": True,
+    "pad_vocab_size_multiple": 8,
+    "tie_embeddings": True,
+}
+
+
+def _ssm_mamba2_state_dict(seed: int = 7) -> dict[str, torch.Tensor]:
+    """`MambaLMHeadModel(...).state_dict()` of SSM2_CONFIG, with mamba_ssm's names and `Mamba2`'s shapes."""
+    gen = torch.Generator().manual_seed(seed)
+    d_model, vocab, d_state, headdim, ngroups, d_conv = 32, 272, 8, 8, 2, 4
+    d_inner = 2 * d_model  # expand 2; d_ssm = d_inner
+    nheads = d_inner // headdim
+    conv_dim = d_inner + 2 * ngroups * d_state
+    d_in_proj = 2 * d_inner + 2 * ngroups * d_state + nheads  # [z, x, B, C, dt]
+
+    def rand(*shape, scale=0.2):
+        return torch.randn(*shape, generator=gen) * scale
+
+    sd = {"backbone.embedding.weight": rand(vocab, d_model, scale=1.0)}
+    for i in range(2):
+        prefix = f"backbone.layers.{i}."
+        sd[prefix + "norm.weight"] = 1 + rand(d_model)
+        sd[prefix + "mixer.in_proj.weight"] = rand(d_in_proj, d_model)
+        sd[prefix + "mixer.conv1d.weight"] = rand(conv_dim, 1, d_conv, scale=0.5)
+        sd[prefix + "mixer.conv1d.bias"] = rand(conv_dim)
+        sd[prefix + "mixer.dt_bias"] = rand(nheads, scale=1.0)  # softplus spans the 0.5 limit
+        sd[prefix + "mixer.A_log"] = torch.log(torch.empty(nheads).uniform_(1, 16, generator=gen))
+        sd[prefix + "mixer.D"] = 1 + rand(nheads)
+        sd[prefix + "mixer.norm.weight"] = 1 + rand(d_inner)
+        sd[prefix + "mixer.out_proj.weight"] = rand(d_model, d_inner)
+    sd["backbone.norm_f.weight"] = 1 + rand(d_model)
+    sd["lm_head.weight"] = sd["backbone.embedding.weight"]  # tied, as MambaLMHeadModel saves it
+    return sd
+
+
+def _mamba2_reference(state_dict: dict[str, torch.Tensor]) -> Mamba2ForCausalLM:
+    """transformers' Mamba2ForCausalLM with SSM2_CONFIG's shape, loaded with the mamba_ssm weights renamed."""
+    config = _tiny_mamba2_config(
+        272, time_step_limit=(0.0, 0.5), tie_word_embeddings=True, layer_norm_epsilon=1e-5
+    )
+    model = Mamba2ForCausalLM(config)
+    renamed = {k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in state_dict.items()}
+    model.load_state_dict(renamed, strict=True)
+    return model.eval()
+
+
+def _write_ssm_mamba2_folder(folder: Path, config: dict | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config or SSM2_CONFIG))
+    torch.save(_ssm_mamba2_state_dict(), folder / "pytorch_model.bin")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ssm_mamba2_lm(tmp_path_factory):
+    """An original mamba_ssm Mamba-2 folder (config.json + pytorch_model.bin), no tokenizer."""
+    folder = _write_ssm_mamba2_folder(tmp_path_factory.mktemp("ssm_mamba2_lm"))
+    return folder, _mamba2_reference(_ssm_mamba2_state_dict())
 
 
 @pytest.fixture(scope="module")
@@ -251,11 +372,135 @@ def test_mamba_ssm_config_pads_vocab_and_maps_ssm_cfg():
     assert (config.state_size, config.conv_kernel, config.expand, config.time_step_rank) == (8, 3, 3, 4)
 
 
-def test_mamba2_config_is_refused_clearly():
-    with pytest.raises(NotImplementedError, match="Mamba-2 not supported yet"):
-        lm_conv.mamba_ssm_config_to_mamba_config(
-            {"d_model": 64, "n_layer": 2, "vocab_size": 100, "ssm_cfg": {"layer": "Mamba2"}}
+def test_mamba_ssm_layer_picks_the_config_class():
+    mamba1 = {"d_model": 64, "n_layer": 2, "vocab_size": 100, "ssm_cfg": {"d_state": 8}}
+    assert isinstance(lm_conv.mamba_ssm_config_to_hf_config(mamba1), MambaConfig)
+    assert isinstance(lm_conv.mamba_ssm_config_to_hf_config(SSM2_CONFIG), Mamba2Config)
+    with pytest.raises(NotImplementedError, match="mamba_ssm_config_to_mamba2_config"):
+        lm_conv.mamba_ssm_config_to_mamba_config(SSM2_CONFIG)
+    with pytest.raises(NotImplementedError, match="ssm_cfg.layer='Mamba3'"):
+        lm_conv.mamba_ssm_config_to_hf_config({**mamba1, "ssm_cfg": {"layer": "Mamba3"}})
+
+
+def test_mamba2_ssm_config_maps_fields_with_mamba_ssm_defaults():
+    config = lm_conv.mamba_ssm_config_to_mamba2_config(
+        {"d_model": 256, "n_layer": 3, "vocab_size": 50277, "ssm_cfg": {"layer": "Mamba2"}}
+    )
+    assert (config.vocab_size, config.hidden_size, config.num_hidden_layers) == (50280, 256, 3)
+    # mamba_ssm's Mamba2 defaults, not Mamba2Config's (n_groups 8).
+    assert (config.state_size, config.conv_kernel, config.expand, config.head_dim) == (128, 4, 2, 64)
+    assert (config.n_groups, config.chunk_size, config.num_heads) == (1, 256, 2 * 256 // 64)
+    assert tuple(config.time_step_limit) == (0.0, float("inf"))
+    assert (config.use_bias, config.use_conv_bias, config.layer_norm_epsilon) == (False, True, 1e-5)
+    assert config.tie_word_embeddings and config.residual_in_fp32
+
+    mapped = lm_conv.mamba_ssm_config_to_mamba2_config(SSM2_CONFIG)
+    assert (mapped.state_size, mapped.head_dim, mapped.n_groups, mapped.num_heads) == (8, 8, 2, 8)
+    assert (mapped.chunk_size, tuple(mapped.time_step_limit), mapped.vocab_size) == (5, (0.0, 0.5), 272)
+
+
+def _with_ssm_cfg(**changes) -> dict:
+    return {**SSM2_CONFIG, "ssm_cfg": {**SSM2_CONFIG["ssm_cfg"], **changes}}
+
+
+@pytest.mark.parametrize(
+    "config, field",
+    [
+        (_with_ssm_cfg(d_ssm=32), "ssm_cfg.d_ssm=32"),
+        (_with_ssm_cfg(D_has_hdim=True), "ssm_cfg.D_has_hdim=True"),
+        (_with_ssm_cfg(rmsnorm=False), "ssm_cfg.rmsnorm=False"),
+        (_with_ssm_cfg(norm_before_gate=True), "ssm_cfg.norm_before_gate=True"),
+        ({**SSM2_CONFIG, "attn_layer_idx": [1]}, "attn_layer_idx=[1]"),
+    ],
+)
+def test_mamba2_variants_our_mixer_cannot_run_are_refused_naming_the_field(config, field):
+    with pytest.raises(NotImplementedError) as error:
+        lm_conv.mamba_ssm_config_to_mamba2_config(config)
+    message = str(error.value)
+    assert field in message and "convert" in message.lower()  # says which checkpoints do convert
+
+
+def test_mamba2_options_equal_to_our_mixer_are_accepted():
+    config = _with_ssm_cfg(
+        d_ssm=64, D_has_hdim=False, rmsnorm=True, norm_before_gate=False, A_init_range=[1, 16]
+    )
+    assert lm_conv.mamba_ssm_config_to_mamba2_config(config).num_heads == 8
+
+
+def test_mamba2_bad_dt_limit_and_unknown_ssm_cfg_keys_are_named():
+    with pytest.raises(ValueError, match="ssm_cfg.dt_limit"):
+        lm_conv.mamba_ssm_config_to_mamba2_config(_with_ssm_cfg(dt_limit=[0.5, 0.1]))
+    with pytest.raises(ValueError, match="ssm_cfg.dt_rank"):  # a Mamba-1 option in a Mamba-2 config
+        lm_conv.mamba_ssm_config_to_mamba2_config(_with_ssm_cfg(dt_rank=4))
+
+
+def test_refused_mamba2_folder_fails_on_the_command_line_naming_the_field(tmp_path, capsys):
+    folder = tmp_path / "lm"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(_with_ssm_cfg(norm_before_gate=True)))
+    args = ["--lm", str(folder), "--output", str(tmp_path / "out"), "--image-token-id", "270"]
+    assert lm_conv.main(args) == 1
+    assert "error: ssm_cfg.norm_before_gate=True" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_mamba2_ssm_state_dict_is_renamed_and_checked():
+    sd = _ssm_mamba2_state_dict()
+    converted = lm_conv.convert_mamba_ssm_state_dict(sd, "mamba2")
+    assert "backbone.embeddings.weight" in converted and "backbone.embedding.weight" not in converted
+    assert set(converted) - {"backbone.embeddings.weight"} == set(sd) - {"backbone.embedding.weight"}
+    with pytest.raises(ValueError, match="layers.0.mixer.x_proj.weight"):  # a Mamba-1 key in a Mamba-2 dict
+        lm_conv.convert_mamba_ssm_state_dict(
+            {**sd, "backbone.layers.0.mixer.x_proj.weight": torch.zeros(1)}, "mamba2"
         )
+
+
+def test_transformers_mamba2_conversion_matches_its_logits_and_adds_image_token(hf_mamba2_lm, tmp_path):
+    folder, source = hf_mamba2_lm
+    out = lm_conv.convert_mamba_lm(str(folder), tmp_path / "out")
+    config = VLMambaConfig.from_pretrained(out)
+    assert isinstance(config.text_config, Mamba2Config) and not config.tie_word_embeddings
+    tokenizer = _common.load_tokenizer(out)
+    assert config.image_token_id == tokenizer.convert_tokens_to_ids("<image>")
+    assert config.text_config.vocab_size == max(VOCAB, len(tokenizer)) == VOCAB + 1
+    assert _logits_diff(source, out, VOCAB, config.image_token_id) <= FP32_ATOL
+    model = VLMambaForConditionalGeneration.from_pretrained(str(out))
+    old_embeddings, old_head = source.backbone.embeddings.weight.detach(), source.lm_head.weight.detach()
+    torch.testing.assert_close(model.get_input_embeddings().weight[VOCAB], old_embeddings.mean(0))
+    torch.testing.assert_close(
+        model.lm_head.weight[:VOCAB], old_head
+    )  # untied: its own rows, grown by the mean
+    torch.testing.assert_close(model.lm_head.weight[VOCAB], old_head.mean(0))
+
+
+def test_mamba_ssm_mamba2_conversion_matches_transformers_mamba2_on_the_mapped_weights(
+    ssm_mamba2_lm, tmp_path
+):
+    folder, reference = ssm_mamba2_lm
+    out = lm_conv.convert_mamba_lm(str(folder), tmp_path / "out", image_token_id=270)
+    config = VLMambaConfig.from_pretrained(out)
+    assert config.text_config.model_type == "mamba2" and config.text_config.vocab_size == 272
+    assert tuple(config.text_config.time_step_limit) == (0.0, 0.5)
+    assert _logits_diff(reference, out, 270, 270) <= FP32_ATOL
+    # The reference really depends on the limit: without it, its logits move.
+    free = Mamba2ForCausalLM(_tiny_mamba2_config(272, tie_word_embeddings=True)).eval()
+    free.load_state_dict(reference.state_dict())
+    ids = torch.randint(0, 270, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (free(ids).logits - reference(ids).logits).abs().max() > 1e-3
+
+
+def test_mamba2_folders_convert_on_the_command_line(hf_mamba2_lm, ssm_mamba2_lm, tmp_path):
+    for name, folder, source, vocab in (
+        ("hf", hf_mamba2_lm[0], hf_mamba2_lm[1], VOCAB),
+        ("ssm", ssm_mamba2_lm[0], ssm_mamba2_lm[1], 270),
+    ):
+        out = tmp_path / name
+        args = ("--lm", str(folder), "--output", str(out), "--image-token-id", str(vocab))
+        result = _run_script("convert_mamba_lm_to_vlm_mamba.py", *args)
+        assert result.returncode == 0, result.stderr
+        assert "max |logits - Mamba2ForCausalLM logits|" in result.stdout
+        assert _logits_diff(source, out, vocab, vocab) <= FP32_ATOL
 
 
 def test_mamba_ssm_folder_cli_converts_with_parity(ssm_lm, vim_checkpoint, vim_folder, tmp_path):
@@ -520,7 +765,11 @@ def test_cli_help_runs_each_script_as_main():
     )
     scripts = [str(SCRIPTS / name) for name in CLI_SCRIPTS]
     result = subprocess.run(
-        [sys.executable, "-c", code, *scripts], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code, *scripts],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_subprocess_env(),
     )
     assert result.returncode == 0, result.stderr
     for name in CLI_SCRIPTS:

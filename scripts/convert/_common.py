@@ -43,6 +43,22 @@ MIXER_PARAMS = (
 )
 MIXER_PATTERN = "|".join(re.escape(p) for p in MIXER_PARAMS)
 
+# Parameter names of one Mamba-2 mixer: mamba_ssm's `Mamba2` (rmsnorm=True), transformers' `Mamba2Mixer` and
+# VLMamba's `VLMambaMamba2Mixer` agree. in_proj's rows are [z, x, B, C, dt] in all three.
+MAMBA2_MIXER_PARAMS = (
+    "in_proj.weight",
+    "in_proj.bias",
+    "conv1d.weight",
+    "conv1d.bias",
+    "dt_bias",
+    "A_log",
+    "D",
+    "norm.weight",
+    "out_proj.weight",
+    "out_proj.bias",
+)
+MAMBA2_MIXER_PATTERN = "|".join(re.escape(p) for p in MAMBA2_MIXER_PARAMS)
+
 
 class UnsafeCheckpointError(ValueError):
     """A pickle holds objects outside the allow-list (it could run code if unpickled)."""
