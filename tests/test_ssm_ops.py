@@ -180,4 +180,6 @@ def test_package_imports_without_kernels():
         "selective_state_update",
         "causal_conv1d_fn",
         "causal_conv1d_update",
+        "mamba_inner_fn",
     }
+    assert not ssm_ops.kernel_available("mamba_inner_fn", torch.device("cpu"))

@@ -25,7 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .ssm_ops import _activate, _cuda_kernel, causal_conv1d
+from .ssm_ops import _activate, _cuda_kernel, _cuda_step_kernel, causal_conv1d
 
 DEFAULT_DT_LIMIT = (0.0, float("inf"))
 
@@ -428,7 +428,7 @@ def ssd_state_update(
     """
     b, h, p = x.shape
     g, n = B.shape[1:]
-    kernel = _cuda_kernel("selective_state_update", x)
+    kernel = _cuda_step_kernel("selective_state_update", x)
     if kernel is not None:
         if tuple(dt_limit) != DEFAULT_DT_LIMIT:
             # The kernel has no clamp: hand it the final step size.

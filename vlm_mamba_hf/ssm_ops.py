@@ -40,6 +40,12 @@ def _load_kernels() -> dict[str, object]:
     except Exception:  # noqa: BLE001 - any import failure means "no kernel"
         pass
     try:
+        from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
+
+        kernels["mamba_inner_fn"] = mamba_inner_fn
+    except Exception:  # noqa: BLE001
+        pass
+    try:
         from mamba_ssm.ops.triton.selective_state_update import selective_state_update
 
         kernels["selective_state_update"] = selective_state_update
@@ -88,6 +94,22 @@ def _cuda_kernel(name: str, tensor: torch.Tensor):
     return kernel
 
 
+def _cuda_step_kernel(name: str, tensor: torch.Tensor):
+    """The kernel for a one-token decoding step, or None.
+
+    Under `torch.compile` (transformers' compiled `generate`, CUDA graphs through inductor) the step stays
+    in PyTorch: a handful of elementwise ops that inductor fuses, with no opaque call to split the graph.
+    """
+    if torch.compiler.is_compiling():
+        return None
+    return _cuda_kernel(name, tensor)
+
+
+def kernel_available(name: str, device: torch.device) -> bool:
+    """Whether tensors on `device` would run the kernel `name` (CUDA, kernels enabled and imported)."""
+    return torch.device(device).type == "cuda" and _USE_KERNELS and name in _load_kernels()
+
+
 def kernels_available() -> dict[str, bool]:
     """Which optional CUDA kernels imported (for diagnostics)."""
     kernels = _load_kernels()
@@ -98,6 +120,7 @@ def kernels_available() -> dict[str, bool]:
             "selective_state_update",
             "causal_conv1d_fn",
             "causal_conv1d_update",
+            "mamba_inner_fn",
         )
     }
 
@@ -378,7 +401,7 @@ def selective_state_update(
 
     x, dt, z: (b, d); A: (d, n); B, C: (b, n); D, dt_bias: (d,).
     """
-    kernel = _cuda_kernel("selective_state_update", x)
+    kernel = _cuda_step_kernel("selective_state_update", x)
     if kernel is not None:
         return kernel(state, x, dt, A.float(), B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
     dt = dt.float()
@@ -463,7 +486,7 @@ def causal_conv1d_update(
     activation: str | None = None,
 ) -> torch.Tensor:
     """One decoding step: x (b, d); conv_state (b, d, k) holds the last k inputs and is rolled in place."""
-    kernel = _cuda_kernel("causal_conv1d_update", x)
+    kernel = _cuda_step_kernel("causal_conv1d_update", x)
     if kernel is not None and conv_state.dtype == x.dtype:
         return kernel(x, conv_state, weight, bias, activation)
     window = torch.cat([conv_state[..., 1:], x[..., None].to(conv_state.dtype)], dim=-1)
@@ -472,3 +495,93 @@ def causal_conv1d_update(
     if bias is not None:
         out = out + bias
     return _activate(out, activation).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The fused Mamba-1 inner path (conv -> x_proj -> dt_proj -> scan -> gate -> out_proj)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def mamba_inner_ref(
+    xz: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    x_proj_weight: torch.Tensor,
+    delta_proj_weight: torch.Tensor,
+    out_proj_weight: torch.Tensor,
+    out_proj_bias: torch.Tensor | None,
+    A: torch.Tensor,
+    D: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The Mamba-1 mixer from in_proj's output to out_proj's, in PyTorch (mamba_ssm's `mamba_inner_fn` contract).
+
+    xz: (b, 2*d, l), x then the gate z; conv_weight (d, 1, k); x_proj_weight (r + 2n, d);
+    delta_proj_weight (d, r), applied without bias; delta_bias (d,) is added in fp32 before the softplus;
+    A (d, n); D (d,); out_proj_weight (d_model, d). Returns (b, l, d_model). SiLU after the conv, always.
+    """
+    rank, n = delta_proj_weight.shape[1], A.shape[1]
+    x, z = xz.chunk(2, dim=1)
+    x = causal_conv1d(x, conv_weight.squeeze(1), conv_bias, activation="silu")
+    dt, B, C = torch.split(F.linear(x.transpose(1, 2), x_proj_weight), [rank, n, n], dim=-1)
+    delta = F.linear(dt, delta_proj_weight).transpose(1, 2)
+    y = selective_scan(
+        x,
+        delta,
+        A,
+        B.transpose(1, 2),
+        C.transpose(1, 2),
+        D=D,
+        z=z,
+        delta_bias=delta_bias,
+        delta_softplus=True,
+    )
+    return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
+
+
+def mamba_inner(
+    xz: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    x_proj_weight: torch.Tensor,
+    delta_proj_weight: torch.Tensor,
+    out_proj_weight: torch.Tensor,
+    out_proj_bias: torch.Tensor | None,
+    A: torch.Tensor,
+    D: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fused Mamba-1 inner path, dispatched: `mamba_ssm`'s `mamba_inner_fn` for CUDA tensors, else the reference.
+
+    Shapes as in `mamba_inner_ref`. The kernel reads the weights directly (it recomputes the conv and delta
+    in its backward), so callers must make sure no adapter wraps the modules these weights come from.
+    """
+    kernel = _cuda_kernel("mamba_inner_fn", xz)
+    if kernel is not None:
+        return kernel(
+            xz.contiguous(),
+            conv_weight,
+            conv_bias,
+            x_proj_weight,
+            delta_proj_weight,
+            out_proj_weight,
+            out_proj_bias,
+            A.float(),
+            None,  # input-dependent B
+            None,  # input-dependent C
+            None if D is None else D.float(),
+            delta_bias=None if delta_bias is None else delta_bias.float(),
+            delta_softplus=True,
+        )
+    return mamba_inner_ref(
+        xz,
+        conv_weight,
+        conv_bias,
+        x_proj_weight,
+        delta_proj_weight,
+        out_proj_weight,
+        out_proj_bias,
+        A,
+        D,
+        delta_bias,
+    )
