@@ -26,7 +26,14 @@ from transformers.utils import ModelOutput
 
 from .configuration_vlm_mamba import VLMambaConfig, VLMambaVisionConfig, validate_mamba_text_config
 from .ops_ssd import causal_conv1d_rows, ssd_scan, ssd_state_update
-from .ssm_ops import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
+from .ssm_ops import (
+    causal_conv1d,
+    causal_conv1d_update,
+    kernel_available,
+    mamba_inner,
+    selective_scan,
+    selective_state_update,
+)
 
 # ----------------------------------------------------------------------------------------------------------
 # Outputs
@@ -92,9 +99,63 @@ class _SSMBranch:
 
 _FORWARD = _SSMBranch("conv1d", "x_proj", "dt_proj", "A_log", "D")
 _BACKWARD = _SSMBranch("conv1d_b", "x_proj_b", "dt_proj_b", "A_b_log", "D_b")
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-class VLMambaMixer(nn.Module):
+def _base_layer(module: nn.Module) -> nn.Module:
+    """The module an adapter (PEFT) wraps, or the module itself."""
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
+class _KeepSSMParametersFP32:
+    """Mixin for mixers: A_log, D and the dt bias stay fp32 through `.to(bf16)`, `.half()`, `.bfloat16()`.
+
+    As in mamba_ssm: exp(A), the skip D and softplus(delta + bias) are computed in fp32, and the parameters
+    themselves would lose most of their precision in bf16 (log(3) -> 1.1016). Device moves and casts to
+    fp32/fp64 apply to them as to every other tensor; only a cast to a half type passes them by, and their
+    fp32 values are never rounded on the way. Loading with `dtype=torch.bfloat16` keeps them fp32 as well
+    (`VLMambaPreTrainedModel._keep_in_fp32_modules_strict`).
+    """
+
+    def ssm_fp32_parameters(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def _apply(self, fn, recurse=True):
+        keep = set()
+        for param in self.ssm_fp32_parameters():
+            keep.add(id(param))
+            if param.grad is not None:
+                keep.add(id(param.grad))
+
+        def apply_keeping_fp32(tensor):
+            if id(tensor) in keep and tensor.dtype == torch.float32:
+                target = fn(tensor.detach().new_empty(0))
+                if target.dtype in _HALF_DTYPES:
+                    return tensor.detach().to(device=target.device)
+            return fn(tensor)
+
+        return super()._apply(apply_keeping_fp32, recurse)
+
+
+class VLMambaDeltaProjection(nn.Linear):
+    """dt_proj: Linear(dt_rank -> d_inner) whose forward leaves its bias out; the scan adds it.
+
+    The bias is the scan's `delta_bias` (mamba_ssm's convention): it is added to delta in fp32 right before
+    the softplus, so it stays fp32 when the weights are bf16 (a bias near -5 rounded to bf16 would move dt by
+    up to 3%). Keys stay `dt_proj.weight` / `dt_proj.bias`; an adapter wrapping this module (PEFT LoRA)
+    adds its delta to the projection as usual.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=True)
+        self.bias.data = self.bias.data.float()
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """input (..., dt_rank) -> delta before bias and softplus (..., d_inner)."""
+        return F.linear(input, self.weight)
+
+
+class VLMambaMixer(_KeepSSMParametersFP32, nn.Module):
     """Mamba-1 selective SSM mixer (Gu & Dao 2023, Fig. 3), with transformers' parameter names.
 
     in_proj (d_model -> 2*d_inner) splits into x and the gate z; x runs through a causal depthwise
@@ -126,16 +187,23 @@ class VLMambaMixer(nn.Module):
         conv = nn.Conv1d(d, d, kernel_size=k, groups=d, padding=k - 1, bias=config.use_conv_bias)
         self.add_module(names.conv1d, conv)
         self.add_module(names.x_proj, nn.Linear(d, r + 2 * n, bias=False))
-        self.add_module(names.dt_proj, nn.Linear(r, d, bias=True))
-        self.register_parameter(names.A_log, nn.Parameter(torch.empty(d, n)))
-        self.register_parameter(names.D, nn.Parameter(torch.empty(d)))
+        self.add_module(names.dt_proj, VLMambaDeltaProjection(r, d))
+        self.register_parameter(names.A_log, nn.Parameter(torch.empty(d, n, dtype=torch.float32)))
+        self.register_parameter(names.D, nn.Parameter(torch.empty(d, dtype=torch.float32)))
         getattr(self, names.A_log)._no_weight_decay = True
         getattr(self, names.D)._no_weight_decay = True
 
     def branches(self) -> tuple[_SSMBranch, ...]:
         return (_FORWARD,)
 
-    @torch.no_grad()
+    def ssm_fp32_parameters(self) -> list[nn.Parameter]:
+        """A_log, D and the dt bias of every scan direction (kept fp32 under half precision)."""
+        params = []
+        for names in self.branches():
+            dt_bias = _base_layer(getattr(self, names.dt_proj)).bias
+            params += [getattr(self, names.A_log), getattr(self, names.D), dt_bias]
+        return params
+
     def init_ssm_parameters(self) -> None:
         """Mamba's init: A = -(1..N) (S4D-real), D = 1, dt bias = softplus^-1 of log-uniform dt."""
         for names in self.branches():
@@ -175,7 +243,8 @@ class VLMambaMixer(nn.Module):
             x = x * mask
         x_dbl = getattr(self, names.x_proj)(x.transpose(1, 2))
         dt, B, C = torch.split(x_dbl, [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1)
-        dt = getattr(self, names.dt_proj)(dt).transpose(1, 2)
+        dt_proj = getattr(self, names.dt_proj)
+        dt = dt_proj(dt).transpose(1, 2)
         A = -torch.exp(getattr(self, names.A_log).float())
         return selective_scan(
             x,
@@ -185,6 +254,7 @@ class VLMambaMixer(nn.Module):
             C.transpose(1, 2),
             D=getattr(self, names.D),
             z=z,
+            delta_bias=_base_layer(dt_proj).bias,
             delta_softplus=True,
             initial_state=ssm_state,
             return_final_state=return_final_state,
@@ -200,7 +270,25 @@ class VLMambaMixer(nn.Module):
         )
         dt = self.dt_proj(dt)
         A = -torch.exp(self.A_log.float())
-        return selective_state_update(ssm_state, x, dt, A, B, C, D=self.D, z=z, dt_softplus=True)
+        dt_bias = _base_layer(self.dt_proj).bias
+        return selective_state_update(
+            ssm_state, x, dt, A, B, C, D=self.D, z=z, dt_bias=dt_bias, dt_softplus=True
+        )
+
+    def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """in_proj, then conv .. out_proj in mamba_ssm's one fused kernel (see `_can_use_fused_inner`)."""
+        return mamba_inner(
+            self.in_proj(hidden_states).transpose(1, 2),
+            self.conv1d.weight,
+            self.conv1d.bias,
+            self.x_proj.weight,
+            self.dt_proj.weight,
+            self.out_proj.weight,
+            self.out_proj.bias,
+            -torch.exp(self.A_log.float()),
+            self.D,
+            self.dt_proj.bias,
+        )
 
     def forward(
         self,
@@ -214,6 +302,8 @@ class VLMambaMixer(nn.Module):
         if attention_mask is not None and seq_len > 1:
             mask = attention_mask[:, None, :].to(hidden_states.dtype)
             hidden_states = hidden_states * mask.transpose(1, 2)
+        if cache is None and mask is None and _can_use_fused_inner(self):
+            return self._fused_forward(hidden_states)
         x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)
         if mask is not None:
             x = x * mask  # zero padded positions before the conv, whatever in_proj's bias
@@ -234,6 +324,35 @@ class VLMambaMixer(nn.Module):
         else:
             scanned = self._scan(_FORWARD, x, z, mask)
         return self.out_proj(scanned.transpose(1, 2).to(hidden_states.dtype))
+
+
+_FUSED_INNER_MODULES = {
+    "in_proj": nn.Linear,
+    "conv1d": nn.Conv1d,
+    "x_proj": nn.Linear,
+    "dt_proj": VLMambaDeltaProjection,
+    "out_proj": nn.Linear,
+}
+
+
+def _can_use_fused_inner(mixer: VLMambaMixer) -> bool:
+    """Whether a Mamba-1 text mixer may run mamba_ssm's fused `mamba_inner_fn` instead of the unfused path.
+
+    Only while training (where its recomputing backward saves memory), on CUDA with the kernel importable and
+    enabled, with SiLU (the kernel's only activation), and when in_proj, conv1d, x_proj, dt_proj and out_proj
+    are exactly their own classes with no hooks: the kernel reads their weights directly, so an adapter
+    wrapping any of them (PEFT LoRA) or a hook on it would be silently skipped. The unfused path calls each
+    as a module.
+    """
+    if not mixer.training or mixer.activation not in ("silu", "swish"):
+        return False
+    if not kernel_available("mamba_inner_fn", mixer.A_log.device):
+        return False
+    for name, cls in _FUSED_INNER_MODULES.items():
+        module = getattr(mixer, name)
+        if type(module) is not cls or module._forward_hooks or module._forward_pre_hooks:
+            return False
+    return True
 
 
 class VLMambaBiMixer(VLMambaMixer):
@@ -290,7 +409,7 @@ _SSD_FORWARD = _SSDBranch("conv1d", "dt_bias", "A_log", "D")
 _SSD_BACKWARD = _SSDBranch("conv1d_b", "dt_bias_b", "A_b_log", "D_b")
 
 
-class VLMambaMamba2Mixer(nn.Module):
+class VLMambaMamba2Mixer(_KeepSSMParametersFP32, nn.Module):
     """Mamba-2 (SSD) mixer (Dao & Gu 2024, Fig. 6), with transformers' `Mamba2Mixer` parameter names.
 
     in_proj (d_model -> d_inner + conv_dim + heads) gives the gate z, xBC and dt; xBC = [x, B, C] runs
@@ -336,15 +455,19 @@ class VLMambaMamba2Mixer(nn.Module):
             bias=self.use_conv_bias,
         )
         self.add_module(names.conv1d, conv)
-        self.register_parameter(names.dt_bias, nn.Parameter(torch.empty(h)))
-        self.register_parameter(names.A_log, nn.Parameter(torch.empty(h)))
-        self.register_parameter(names.D, nn.Parameter(torch.empty(h)))
+        self.register_parameter(names.dt_bias, nn.Parameter(torch.empty(h, dtype=torch.float32)))
+        self.register_parameter(names.A_log, nn.Parameter(torch.empty(h, dtype=torch.float32)))
+        self.register_parameter(names.D, nn.Parameter(torch.empty(h, dtype=torch.float32)))
         getattr(self, names.A_log)._no_weight_decay = True
         getattr(self, names.D)._no_weight_decay = True
         getattr(self, names.dt_bias)._no_weight_decay = True
 
     def branches(self) -> tuple[_SSDBranch, ...]:
         return (_SSD_FORWARD,)
+
+    def ssm_fp32_parameters(self) -> list[nn.Parameter]:
+        """A_log, D and dt_bias of every scan direction (kept fp32 under half precision)."""
+        return [getattr(self, n) for b in self.branches() for n in (b.A_log, b.D, b.dt_bias)]
 
     @torch.no_grad()
     def init_ssm_parameters(self) -> None:
@@ -532,6 +655,15 @@ class VLMambaPreTrainedModel(PreTrainedModel):
     _is_stateful = True
     _supports_sdpa = False
     _supports_flash_attn = False
+    # Loaded as fp32 whatever `dtype` asks (regexes over parameter names); the mixers also keep them fp32
+    # through `.to(dtype)` (`_KeepSSMParametersFP32`).
+    _keep_in_fp32_modules_strict = [
+        r"mixer\.A_log",
+        r"mixer\.A_b_log",
+        r"mixer\.D",
+        r"mixer\.dt_proj(?:_b)?\.bias",
+        r"mixer\.dt_bias",
+    ]
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
