@@ -24,6 +24,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput
 
+from .cache_vlm_mamba import VLMambaStateCache
 from .configuration_vlm_mamba import VLMambaConfig, VLMambaVisionConfig, validate_mamba_text_config
 from .ops_ssd import causal_conv1d_rows, ssd_scan, ssd_state_update
 from .ssm_ops import (
@@ -204,6 +205,12 @@ class VLMambaMixer(_KeepSSMParametersFP32, nn.Module):
             params += [getattr(self, names.A_log), getattr(self, names.D), dt_bias]
         return params
 
+    def state_shapes(self, batch_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Decoding state: conv window (b, d_inner, conv_kernel) and SSM state (b, d_inner, state_size)."""
+        d = self.intermediate_size
+        return (batch_size, d, self.conv_kernel_size), (batch_size, d, self.ssm_state_size)
+
+    @torch.no_grad()
     def init_ssm_parameters(self) -> None:
         """Mamba's init: A = -(1..N) (S4D-real), D = 1, dt bias = softplus^-1 of log-uniform dt."""
         for names in self.branches():
@@ -468,6 +475,11 @@ class VLMambaMamba2Mixer(_KeepSSMParametersFP32, nn.Module):
     def ssm_fp32_parameters(self) -> list[nn.Parameter]:
         """A_log, D and dt_bias of every scan direction (kept fp32 under half precision)."""
         return [getattr(self, n) for b in self.branches() for n in (b.A_log, b.D, b.dt_bias)]
+
+    def state_shapes(self, batch_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Decoding state: conv window (b, conv_dim, conv_kernel) and SSM state (b, heads, head_dim, state_size)."""
+        conv = (batch_size, self.conv_dim, self.conv_kernel_size)
+        return conv, (batch_size, self.num_heads, self.head_dim, self.ssm_state_size)
 
     @torch.no_grad()
     def init_ssm_parameters(self) -> None:
@@ -750,7 +762,8 @@ def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}.")
     if input_ids.shape[1] == 0:
         raise ValueError("Empty input: input_ids has no tokens. Give at least one token (e.g. a BOS token).")
-    if input_ids.device.type == "cpu" or input_ids.shape[1] > 1:
+    # A traced decode step (torch.compile, CUDA graphs) must not read tensor values on the host.
+    if (input_ids.device.type == "cpu" or input_ids.shape[1] > 1) and not torch.compiler.is_compiling():
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= vocab_size:
             bad = lo if lo < 0 else hi
@@ -782,6 +795,17 @@ class VLMambaTextModel(VLMambaPreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.embeddings = value
+
+    def init_state_cache(
+        self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> VLMambaStateCache:
+        """A fixed-shape decoding state for `batch_size` sequences, allocated now (CUDA-graph friendly)."""
+        weight = self.embeddings.weight
+        return VLMambaStateCache(
+            [layer.mixer.state_shapes(batch_size) for layer in self.layers],
+            conv_dtype=dtype or weight.dtype,
+            device=device or weight.device,
+        )
 
     def forward(
         self,
@@ -862,6 +886,18 @@ class VLMambaForCausalLM(VLMambaPreTrainedModel, GenerationMixin):
 
     def set_input_embeddings(self, value):
         self.backbone.embeddings = value
+
+    def init_state_cache(
+        self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> VLMambaStateCache:
+        """A fixed-shape decoding state for `batch_size` sequences (batch x beams), allocated now."""
+        return self.backbone.init_state_cache(batch_size, device, dtype)
+
+    def _prepare_static_cache(
+        self, cache_implementation, batch_size, max_cache_len, prefill_chunk_size, model_kwargs
+    ):
+        # generate(..., cache_implementation="static"): a recurrent state has no length to size for.
+        return self.init_state_cache(batch_size)
 
     def prepare_inputs_for_generation(
         self, input_ids, cache=None, attention_mask=None, use_cache=None, is_first_iteration=False, **kwargs
@@ -1224,6 +1260,18 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
     @property
     def language_model(self):
         return self.model.language_model
+
+    def init_state_cache(
+        self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> VLMambaStateCache:
+        """A fixed-shape decoding state for `batch_size` sequences (batch x beams), allocated now."""
+        return self.model.language_model.init_state_cache(batch_size, device, dtype)
+
+    def _prepare_static_cache(
+        self, cache_implementation, batch_size, max_cache_len, prefill_chunk_size, model_kwargs
+    ):
+        # generate(..., cache_implementation="static"): a recurrent state has no length to size for.
+        return self.init_state_cache(batch_size)
 
     def prepare_inputs_for_generation(
         self,

@@ -17,6 +17,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 CODE_FILES = (
     "configuration_vlm_mamba.py",
     "modeling_vlm_mamba.py",
+    "cache_vlm_mamba.py",
     "ssm_ops.py",
     "ops_ssd.py",
     "image_processing_vlm_mamba.py",
