@@ -88,3 +88,85 @@ def test_lora_delta_on_each_projection_takes_effect_under_kernels(kernels, modul
                 param.normal_(std=0.5)
         adapted = peft_model(input_ids=ids).logits
     assert (adapted - base).abs().max() > 1e-4
+
+
+def test_bf16_model_logits_on_kernels_match_torch_path(kernels):
+    torch.manual_seed(0)
+    model = VLMambaForCausalLM(tiny_text_config(hidden_size=64)).cuda().to(torch.bfloat16).eval()
+    assert model.backbone.layers[0].mixer.A_log.dtype == torch.float32
+    ids = torch.randint(3, 97, (2, 64), device="cuda")
+    with torch.no_grad():
+        with_kernels = model(ids).logits
+        ssm_ops.set_kernels_enabled(False)
+        without = model(ids).logits
+    assert _rel_err(without, with_kernels) <= REL_TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_inner_training_path_matches_torch_path_outputs_and_gradients(kernels, dtype, monkeypatch):
+    from vlm_mamba_hf import modeling_vlm_mamba as modeling
+
+    torch.manual_seed(0)
+    model = VLMambaForCausalLM(tiny_text_config(hidden_size=64)).cuda().to(dtype).train()
+    assert modeling._can_use_fused_inner(model.backbone.layers[0].mixer)
+    calls = []
+    real = modeling.mamba_inner
+    monkeypatch.setattr(modeling, "mamba_inner", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = torch.randint(3, 97, (2, 256), device="cuda")
+
+    def logits_and_grads():
+        model.zero_grad(set_to_none=True)
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        return out.logits, {n: p.grad for n, p in model.named_parameters()}
+
+    fused_logits, fused_grads = logits_and_grads()
+    assert len(calls) == model.config.num_hidden_layers
+    ssm_ops.set_kernels_enabled(False)
+    logits, grads = logits_and_grads()
+    assert len(calls) == model.config.num_hidden_layers
+    assert _rel_err(logits, fused_logits) <= REL_TOL[dtype]
+    for name, grad in grads.items():
+        assert _rel_err(grad, fused_grads[name]) <= REL_TOL[dtype] * 10, name
+
+
+def _lively_text_model(kind: str):
+    from test_mamba2 import tiny_mamba2_config
+
+    torch.manual_seed(0)
+    config = tiny_text_config(hidden_size=64) if kind == "mamba1" else tiny_mamba2_config()
+    return make_lively(VLMambaForCausalLM(config)).cuda()
+
+
+@pytest.mark.parametrize("kind", ["mamba1", "mamba2"])
+def test_cuda_graph_greedy_decode_batch2_equals_eager_tokens(kernels, kind):
+    model = _lively_text_model(kind)
+    ids = torch.randint(
+        3, 97, (2, 12), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1)
+    )
+    kwargs = dict(do_sample=False, max_new_tokens=16, min_new_tokens=16)
+    eager = model.generate(ids, **kwargs)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        # transformers compiles the decode step with its default CompileConfig (mode="reduce-overhead").
+        graphed = model.generate(ids, cache_implementation="static", **kwargs)
+        again = model.generate(ids, cache_implementation="static", **kwargs)
+    assert len(set(eager[0, -16:].tolist())) > 2
+    assert torch.equal(graphed, eager)
+    assert torch.equal(again, eager)
+
+
+def test_cuda_graph_beam_decode_equals_eager_tokens(kernels):
+    from test_state_cache import compile_decode_steps
+
+    model = _lively_text_model("mamba1")
+    ids = torch.randint(
+        3, 97, (2, 12), device="cuda", generator=torch.Generator(device="cuda").manual_seed(2)
+    )
+    kwargs = dict(do_sample=False, max_new_tokens=16, min_new_tokens=16, num_beams=3, num_return_sequences=2)
+    eager = model.generate(ids, **kwargs)
+    torch._dynamo.reset()
+    compile_decode_steps(model, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        graphed = model.generate(ids, cache_implementation="static", **kwargs)
+    assert torch.equal(graphed, eager)

@@ -85,6 +85,18 @@ def test_generate_with_static_cache_returns_a_preallocated_state_cache(text_mode
     assert all(layer.recurrent_states[0].dtype == torch.float32 for layer in cache.layers)
 
 
+def test_generate_reuses_the_static_state_across_calls_of_the_same_batch(text_model):
+    kwargs = dict(cache_implementation="static", return_dict_in_generate=True, **GREEDY)
+    first = text_model.generate(_prompt(), **kwargs)
+    addresses = [t.data_ptr() for t in first.cache.state_tensors()]
+    second = text_model.generate(_prompt(length=9), **kwargs)
+    assert second.cache is first.cache
+    assert [t.data_ptr() for t in second.cache.state_tensors()] == addresses
+    assert torch.equal(second.sequences, text_model.generate(_prompt(length=9), **GREEDY))
+    other_batch = text_model.generate(_prompt(batch=3), **kwargs)
+    assert other_batch.cache is not first.cache
+
+
 @pytest.mark.parametrize("mode", MODES.values(), ids=MODES.keys())
 def test_state_buffers_are_written_in_place_and_never_reallocated(text_model, mode):
     ids = _prompt()

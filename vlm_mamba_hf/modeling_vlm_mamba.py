@@ -700,6 +700,22 @@ class VLMambaPreTrainedModel(PreTrainedModel):
                 "(or pass ignore_mismatched_sizes=True to re-initialise them)."
             ) from err
 
+    def _prepare_static_cache(
+        self, cache_implementation, batch_size, max_cache_len, prefill_chunk_size, model_kwargs
+    ):
+        """`generate(..., cache_implementation="static")`: our fixed-shape state (a recurrent state has no
+        length to size for), kept on the model and reset for the next call of the same batch, dtype and
+        device, so a captured decode step finds its buffers where it left them (as mamba_ssm's cg=True)."""
+        cache = getattr(self, "_static_state_cache", None)
+        dtype = self.get_input_embeddings().weight.dtype
+        device = self.get_input_embeddings().weight.device
+        layer = cache.layers[0] if cache is not None and cache.layers else None
+        if layer is None or (layer.batch_size, layer.dtype, layer.device) != (batch_size, dtype, device):
+            cache = self._static_state_cache = self.init_state_cache(batch_size)
+        else:
+            cache.reset()
+        return cache
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, (VLMambaMixer, VLMambaMamba2Mixer)):
@@ -892,12 +908,6 @@ class VLMambaForCausalLM(VLMambaPreTrainedModel, GenerationMixin):
     ) -> VLMambaStateCache:
         """A fixed-shape decoding state for `batch_size` sequences (batch x beams), allocated now."""
         return self.backbone.init_state_cache(batch_size, device, dtype)
-
-    def _prepare_static_cache(
-        self, cache_implementation, batch_size, max_cache_len, prefill_chunk_size, model_kwargs
-    ):
-        # generate(..., cache_implementation="static"): a recurrent state has no length to size for.
-        return self.init_state_cache(batch_size)
 
     def prepare_inputs_for_generation(
         self, input_ids, cache=None, attention_mask=None, use_cache=None, is_first_iteration=False, **kwargs
@@ -1266,12 +1276,6 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
     ) -> VLMambaStateCache:
         """A fixed-shape decoding state for `batch_size` sequences (batch x beams), allocated now."""
         return self.model.language_model.init_state_cache(batch_size, device, dtype)
-
-    def _prepare_static_cache(
-        self, cache_implementation, batch_size, max_cache_len, prefill_chunk_size, model_kwargs
-    ):
-        # generate(..., cache_implementation="static"): a recurrent state has no length to size for.
-        return self.init_state_cache(batch_size)
 
     def prepare_inputs_for_generation(
         self,
