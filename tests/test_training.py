@@ -349,7 +349,9 @@ def test_accelerate_launch_two_processes_follow_one_process_with_double_batch(
 def test_bf16_autocast_trains_on_a_cpu_with_bf16(recipe, processor, train_dataset, tmp_path):
     model = _model(recipe, processor)
     seen = []
-    model.lm_head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    # A Linear inside the language model (training computes the loss without calling lm_head as a module).
+    linear = next(m for m in model.model.language_model.modules() if isinstance(m, torch.nn.Linear))
+    linear.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
     args = _args(tmp_path, recipe.replace(max_steps=2, batch_size=4), bf16=True)
     trainer = VLMambaTrainer(
         model=model, args=args, train_dataset=train_dataset, data_collator=VLMambaDataCollator(processor)

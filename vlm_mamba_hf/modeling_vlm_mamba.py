@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from transformers.utils import ModelOutput
 
 from .cache_vlm_mamba import VLMambaStateCache
 from .configuration_vlm_mamba import VLMambaConfig, VLMambaVisionConfig, validate_mamba_text_config
+from .fused_loss import fused_causal_lm_loss
 from .ops_ssd import causal_conv1d_rows, ssd_scan, ssd_state_update
 from .ssm_ops import (
     causal_conv1d,
@@ -664,6 +666,11 @@ class VLMambaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["VLMambaBlock"]
     supports_gradient_checkpointing = True
+    # In training mode with labels, the LM models compute the loss with the vocabulary projection fused in
+    # (`fused_loss.py`): same loss and gradients, no (b, l, vocab) logits kept, and positions without a
+    # target are never projected. `outputs.logits` is None then; set this to False (or call in eval mode)
+    # to get the logits.
+    fused_cross_entropy: bool = True
     _is_stateful = True
     _supports_sdpa = False
     _supports_flash_attn = False
@@ -710,7 +717,17 @@ class VLMambaPreTrainedModel(PreTrainedModel):
         dtype = self.get_input_embeddings().weight.dtype
         device = self.get_input_embeddings().weight.device
         layer = cache.layers[0] if cache is not None and cache.layers else None
-        if layer is None or (layer.batch_size, layer.dtype, layer.device) != (batch_size, dtype, device):
+        # Buffers made under torch.inference_mode() cannot be written outside it.
+        stale = (
+            layer is not None
+            and layer.conv_states[0].is_inference()
+            and not torch.is_inference_mode_enabled()
+        )
+        if (
+            stale
+            or layer is None
+            or (layer.batch_size, layer.dtype, layer.device) != (batch_size, dtype, device)
+        ):
             cache = self._static_state_cache = self.init_state_cache(batch_size)
         else:
             cache.reset()
@@ -876,6 +893,20 @@ class VLMambaTextModel(VLMambaPreTrainedModel):
         )
 
 
+def _fused_loss_applies(model: PreTrainedModel, labels: torch.Tensor | None, kwargs: dict[str, Any]) -> bool:
+    """Training with labels through a plain LM head: the fused projection + loss gives the same loss and
+    gradients without the (b, l, vocab) logits. Not when an adapter or quantized layer wraps the head (the fused
+    path reads `lm_head.weight` and would bypass it), nor for caller-shifted labels."""
+    return (
+        labels is not None
+        and model.training
+        and model.fused_cross_entropy
+        and type(model.lm_head) is nn.Linear
+        and model.lm_head.bias is None
+        and kwargs.get("shift_labels") is None
+    )
+
+
 def _lm_logits(lm_head: nn.Linear, hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor):
     if isinstance(logits_to_keep, int):
         hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
@@ -948,12 +979,17 @@ class VLMambaForCausalLM(VLMambaPreTrainedModel, GenerationMixin):
             return_dict=True,
             attention_mask=attention_mask,
         )
-        logits = _lm_logits(self.lm_head, outputs.last_hidden_state, logits_to_keep)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
+        logits = loss = None
+        if _fused_loss_applies(self, labels, kwargs):
+            loss = fused_causal_lm_loss(
+                outputs.last_hidden_state, self.lm_head.weight, labels, kwargs.get("num_items_in_batch")
             )
+        else:
+            logits = _lm_logits(self.lm_head, outputs.last_hidden_state, logits_to_keep)
+            if labels is not None:
+                loss = self.loss_function(
+                    logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
+                )
         result = VLMambaCausalLMOutput(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
         )
@@ -1328,11 +1364,16 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             labels=labels,
         )
-        logits = _lm_logits(self.lm_head, outputs.last_hidden_state, logits_to_keep)
-        loss = None
-        if labels is not None:
-            vocab = self.config.text_config.vocab_size
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab, **kwargs)
+        logits = loss = None
+        if _fused_loss_applies(self, labels, kwargs):
+            loss = fused_causal_lm_loss(
+                outputs.last_hidden_state, self.lm_head.weight, labels, kwargs.get("num_items_in_batch")
+            )
+        else:
+            logits = _lm_logits(self.lm_head, outputs.last_hidden_state, logits_to_keep)
+            if labels is not None:
+                vocab = self.config.text_config.vocab_size
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab, **kwargs)
         result = VLMambaCausalLMOutput(
             loss=loss,
             logits=logits,
