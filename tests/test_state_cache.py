@@ -202,3 +202,13 @@ def test_compiled_decode_step_with_images_traces_one_graph(vlm_model, compile_co
     del model._compiled_call
     assert torch.equal(compiled, eager)
     assert len(graphs) == 1
+
+
+def test_static_state_made_under_inference_mode_is_replaced_outside_it(text_model):
+    kwargs = dict(cache_implementation="static", return_dict_in_generate=True, **GREEDY)
+    text_model.__dict__.pop("_static_state_cache", None)  # earlier tests may have left one made outside
+    with torch.inference_mode():
+        inside = text_model.generate(_prompt(), **kwargs)
+    outside = text_model.generate(_prompt(), **kwargs)
+    assert outside.cache is not inside.cache
+    assert torch.equal(outside.sequences, inside.sequences)
