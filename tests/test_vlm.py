@@ -484,3 +484,68 @@ def test_standalone_fuyu_tower_reloads_in_fuyu_mode(tmp_path):
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(pixels).last_hidden_state, tower(pixels).last_hidden_state)
+
+
+# --- overlapping patches (patch_stride) ----------------------------------------------------------------------
+
+
+def test_overlapping_patch_embedding_equals_a_projection_of_each_window():
+    torch.manual_seed(0)
+    config = tiny_vision_config(patch_size=16, patch_stride=8, num_hidden_layers=0, use_cls_token=False)
+    assert config.grid_side() == 3 and config.num_patches == 9  # (32 - 16) / 8 + 1
+    tower = VLMambaVisionModel(config).eval()
+    with torch.no_grad():
+        tower.pos_embed.normal_()
+        pixels = torch.randn(2, 3, 32, 32)
+        out = tower(pixels).last_hidden_state
+        weight = tower.patch_embed.proj.weight.flatten(1)
+        bias = tower.patch_embed.proj.bias
+        for row in range(3):
+            for col in range(3):
+                window = pixels[:, :, row * 8 : row * 8 + 16, col * 8 : col * 8 + 16].flatten(1)
+                expected = window @ weight.t() + bias + tower.pos_embed[0, row * 3 + col]
+                torch.testing.assert_close(out[:, row * 3 + col], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_overlapping_patches_at_another_size_interpolate_the_position_grid():
+    tower = VLMambaVisionModel(tiny_vision_config(patch_size=16, patch_stride=8)).eval()
+    with torch.no_grad():
+        out = tower(torch.randn(1, 3, 48, 64)).last_hidden_state
+    assert out.shape == (1, 5 * 7 + 1, 24)  # (48-16)/8+1 rows, (64-16)/8+1 columns, class token
+    with pytest.raises(ValueError, match="patch size 16 plus a multiple of the patch stride 8"):
+        tower(torch.randn(1, 3, 36, 32))
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(patch_size=8, patch_stride=16), "from 1 to patch_size"),
+        (dict(patch_size=8, patch_stride=0), "from 1 to patch_size"),
+        (dict(image_size=32, patch_size=16, patch_stride=6), "divisible by the patch stride"),
+        (dict(patch_size=8, patch_stride=4, mode="fuyu"), "fuyu mode"),
+    ],
+)
+def test_invalid_patch_stride_is_a_clear_error(overrides, match):
+    # Raised when the config is built (transformers wraps the ValueError in its validation error).
+    with pytest.raises(Exception, match=match):
+        tiny_vision_config(**overrides)
+
+
+def test_vlm_with_overlapping_patches_saves_loads_and_generates_like_recompute(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    vision = tiny_vision_config(patch_size=16, patch_stride=8, use_cls_token=False)
+    model = make_lively(VLMambaForConditionalGeneration(tiny_vlm_config(tokenizer, vision_config=vision)))
+    assert model.config.num_image_tokens == 9
+    processor = VLMambaProcessor(
+        VLMambaImageProcessor(size={"height": 32, "width": 32}), tokenizer, image_seq_length=9
+    )
+    inputs = _inputs(processor, ["<image>what color is the shape"], [random_image(3)])
+    assert int((inputs["input_ids"] == tokenizer.image_token_id).sum()) == 9
+    cached = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    recomputed = model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, recomputed)
+    model.save_pretrained(tmp_path)
+    reloaded = VLMambaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert reloaded.config.vision_config.patch_stride == 8
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits)

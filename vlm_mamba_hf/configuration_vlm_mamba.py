@@ -110,7 +110,11 @@ class VLMambaVisionConfig(PreTrainedConfig):
     Args:
         image_size (`int`): side of the (square) input image in pixels; other sizes are resized by the
             image processor, and the position embedding is interpolated if a model sees another size.
-        patch_size (`int`): side of a square patch. `image_size` must be divisible by it.
+        patch_size (`int`): side of a square patch (the Conv2d kernel in encoder mode).
+        patch_stride (`int`, *optional*): encoder mode only: the step between patches; smaller than `patch_size`
+            gives overlapping patches (Vim's stride-8 "+" models: kernel 16, stride 8). Default: `patch_size`
+            (non-overlapping; fuyu mode always is). The patch grid is `(image_size - patch_size) // patch_stride
+            + 1` per side, and `image_size - patch_size` must be divisible by the stride.
         num_channels (`int`): input channels (3 for RGB).
         hidden_size (`int`): width Dv of the patch features.
         num_hidden_layers (`int`): bidirectional Mamba blocks in encoder mode.
@@ -135,6 +139,7 @@ class VLMambaVisionConfig(PreTrainedConfig):
 
     image_size: int = 224
     patch_size: int = 16
+    patch_stride: int | None = None
     num_channels: int = 3
     hidden_size: int = 192
     num_hidden_layers: int = 24
@@ -175,8 +180,18 @@ class VLMambaVisionConfig(PreTrainedConfig):
         return self.expand * self.hidden_size
 
     @property
+    def stride(self) -> int:
+        """The step between patches (`patch_stride`, or `patch_size` when unset)."""
+        return self.patch_size if self.patch_stride is None else self.patch_stride
+
+    def grid_side(self, image_size: int | None = None) -> int:
+        """Patches per side for a square image of `image_size` pixels (default: the configured size)."""
+        size = self.image_size if image_size is None else image_size
+        return (size - self.patch_size) // self.stride + 1
+
+    @property
     def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        return self.grid_side() ** 2
 
     def validate_architecture(self):
         """Sizes positive, image divisible into patches, a supported activation."""
@@ -195,10 +210,23 @@ class VLMambaVisionConfig(PreTrainedConfig):
         )
         if not isinstance(self.num_hidden_layers, int) or self.num_hidden_layers < 0:
             raise ValueError(f"num_hidden_layers must be >= 0, got {self.num_hidden_layers!r}.")
-        if self.image_size % self.patch_size:
+        if self.patch_stride is not None:
+            if not isinstance(self.patch_stride, int) or not 1 <= self.patch_stride <= self.patch_size:
+                raise ValueError(
+                    f"patch_stride must be an integer from 1 to patch_size ({self.patch_size}), got "
+                    f"{self.patch_stride!r}; leave it None for non-overlapping patches."
+                )
+            if self.mode == "fuyu" and self.patch_stride != self.patch_size:
+                raise ValueError(
+                    f"patch_stride ({self.patch_stride}) must equal patch_size ({self.patch_size}) in fuyu mode, "
+                    "which flattens non-overlapping patches; use vision_mode='encoder' for overlapping patches."
+                )
+        if self.image_size < self.patch_size or (self.image_size - self.patch_size) % self.stride:
             raise ValueError(
-                f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size}); "
-                "pick an image_size that is a multiple of the patch size."
+                f"image_size ({self.image_size}) must be at least patch_size ({self.patch_size}) and "
+                f"image_size - patch_size must be divisible by the patch stride ({self.stride}); pick an "
+                "image_size that is a multiple of the patch size"
+                + (" plus or minus a multiple of the stride." if self.stride != self.patch_size else ".")
             )
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
             raise ValueError(f"hidden_act must be one of {SUPPORTED_ACTIVATIONS}, got {self.hidden_act!r}.")

@@ -130,10 +130,19 @@ def render_model_card(
     if config.get("vision_mode", "encoder") == "fuyu":
         vision_description = f"Fuyu-style linear patch projection ({vision.get('patch_size')} px patches)"
     else:
-        vision_description = (
-            f"bidirectional Mamba vision encoder ({vision.get('num_hidden_layers')} layers, width "
-            f"{vision.get('hidden_size')}, {vision.get('patch_size')} px patches)"
-        )
+        stride = vision.get("patch_stride")
+        patches = f"{vision.get('patch_size')} px patches"
+        if stride and stride != vision.get("patch_size"):
+            patches += f" every {stride} px (overlapping)"
+        if vision.get("num_hidden_layers"):
+            vision_description = (
+                f"bidirectional Mamba vision encoder ({vision.get('num_hidden_layers')} layers, width "
+                f"{vision.get('hidden_size')}, {patches})"
+            )
+        else:
+            vision_description = (
+                f"Conv2d patch embedding, no Mamba layers (width {vision.get('hidden_size')}, {patches})"
+            )
     text_description = (
         f"{text.get('model_type', 'mamba')}, {text.get('num_hidden_layers')} layers, width {text.get('hidden_size')}, "
         f"vocabulary {text.get('vocab_size')}"

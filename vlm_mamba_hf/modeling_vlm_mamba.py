@@ -1002,7 +1002,8 @@ class VLMambaForCausalLM(VLMambaPreTrainedModel, GenerationMixin):
 
 
 class VLMambaPatchEmbed(nn.Module):
-    """Non-overlapping patches -> features: Conv2d in encoder mode, Linear over flattened patches in fuyu mode."""
+    """Patches -> features: Conv2d in encoder mode (overlapping when `patch_stride` < `patch_size`), Linear over
+    flattened non-overlapping patches in fuyu mode."""
 
     def __init__(self, config: VLMambaVisionConfig, mode: str):
         super().__init__()
@@ -1011,17 +1012,25 @@ class VLMambaPatchEmbed(nn.Module):
         self.num_channels = config.num_channels
         p = config.patch_size
         if mode == "encoder":
-            self.proj = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=p, stride=p)
+            self.proj = nn.Conv2d(
+                config.num_channels, config.hidden_size, kernel_size=p, stride=config.stride
+            )
         else:
+            if config.stride != p:
+                raise ValueError(
+                    f"patch_stride ({config.stride}) must equal patch_size ({p}) in fuyu mode, which flattens "
+                    "non-overlapping patches; use the encoder mode for overlapping patches."
+                )
             self.proj = nn.Linear(config.num_channels * p * p, config.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """pixel_values (b, c, H, W) -> patches (b, H/p * W/p, Dv) in row-major order, and the grid (H/p, W/p)."""
+        """pixel_values (b, c, H, W) -> patches (b, rows * cols, Dv) in row-major order, and the grid (rows, cols)."""
         b, c, height, width = pixel_values.shape
         p = self.patch_size
-        grid = (height // p, width // p)
         if self.mode == "encoder":
-            return self.proj(pixel_values).flatten(2).transpose(1, 2), grid
+            features = self.proj(pixel_values)
+            return features.flatten(2).transpose(1, 2), (features.shape[2], features.shape[3])
+        grid = (height // p, width // p)
         # Fuyu order: each patch flattened as (row, column, channel).
         patches = pixel_values.reshape(b, c, grid[0], p, grid[1], p).permute(0, 2, 4, 3, 5, 1)
         return self.proj(patches.reshape(b, grid[0] * grid[1], p * p * c)), grid
@@ -1055,7 +1064,7 @@ class VLMambaVisionModel(VLMambaPreTrainedModel):
 
     def _position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
         """The position embedding for a patch grid, bicubically interpolated when it differs from the config's."""
-        side = self.config.image_size // self.config.patch_size
+        side = self.config.grid_side()
         pos = self.pos_embed
         if grid == (side, side):
             return pos
@@ -1116,10 +1125,16 @@ def check_pixel_values(pixel_values: torch.Tensor, config: VLMambaVisionConfig) 
         raise ValueError(
             f"pixel_values has {channels} channels, the vision tower expects {config.num_channels}."
         )
-    if height < p or width < p or height % p or width % p:
+    stride = config.stride
+    if height < p or width < p or (height - p) % stride or (width - p) % stride:
+        what = (
+            f"a positive multiple of the patch size {p}"
+            if stride == p
+            else f"the patch size {p} plus a multiple of the patch stride {stride}"
+        )
         raise ValueError(
-            f"Image size {height}x{width} is not a positive multiple of the patch size {p}. The image processor "
-            f"resizes images to {config.image_size}x{config.image_size}; use it, or resize to a multiple of {p}."
+            f"Image size {height}x{width} is not {what}. The image processor resizes images to "
+            f"{config.image_size}x{config.image_size}; use it, or resize to such a size."
         )
     if pixel_values.is_floating_point() and not torch.isfinite(pixel_values).all():
         raise ValueError(

@@ -55,6 +55,7 @@ class Recipe:
     # Model (images are resized to image_size x image_size by the processor)
     image_size: int = 64
     patch_size: int = 8
+    patch_stride: int | None = None
     vision_mode: str = "fuyu"
     vision_hidden_size: int = 128
     vision_layers: int = 0
@@ -231,7 +232,8 @@ def build_processor(recipe: Recipe, tokenizer=None) -> VLMambaProcessor:
 
 
 def num_image_tokens(recipe: Recipe) -> int:
-    return (recipe.image_size // recipe.patch_size) ** 2
+    stride = recipe.patch_stride or recipe.patch_size
+    return ((recipe.image_size - recipe.patch_size) // stride + 1) ** 2
 
 
 def build_model_config(recipe: Recipe, tokenizer) -> VLMambaConfig:
@@ -262,6 +264,7 @@ def build_model_config(recipe: Recipe, tokenizer) -> VLMambaConfig:
     vision_config = VLMambaVisionConfig(
         image_size=recipe.image_size,
         patch_size=recipe.patch_size,
+        patch_stride=recipe.patch_stride,
         hidden_size=recipe.vision_hidden_size,
         num_hidden_layers=recipe.vision_layers,
         state_size=recipe.state_size,

@@ -371,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text-hidden-size", type=int, default=None)
     parser.add_argument("--vision-hidden-size", type=int, default=None)
     parser.add_argument("--patch-size", type=int, default=None)
+    parser.add_argument(
+        "--patch-stride", type=int, default=None, help="encoder mode: < patch size for overlapping patches"
+    )
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--projector-expansion", type=int, default=None)
     parser.add_argument("--state-size", type=int, default=None)
@@ -411,6 +414,7 @@ def _recipe_from_args(args: argparse.Namespace) -> Recipe:
         text_hidden_size=args.text_hidden_size,
         vision_hidden_size=args.vision_hidden_size,
         patch_size=args.patch_size,
+        patch_stride=args.patch_stride,
         image_size=args.image_size,
         projector_expansion=args.projector_expansion,
         state_size=args.state_size,
