@@ -79,8 +79,9 @@ def _tiny_mamba2_lm(vocab_size: int = VOCAB, seed: int = 0) -> Mamba2ForCausalLM
     return _randomize(Mamba2ForCausalLM(_tiny_mamba2_config(vocab_size)), seed)
 
 
-def _tiny_vision_config() -> VLMambaVisionConfig:
-    return VLMambaVisionConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2, state_size=4)
+def _tiny_vision_config(**overrides) -> VLMambaVisionConfig:
+    kwargs = dict(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2, state_size=4)
+    return VLMambaVisionConfig(**{**kwargs, **overrides})
 
 
 def _logits_diff(source: MambaForCausalLM, converted_dir: Path, vocab: int, avoid: int) -> float:
@@ -672,15 +673,28 @@ def test_vim_use_ema_selects_the_ema_weights(vim_checkpoint):
     assert not torch.equal(state_dict["pos_embed"], tower.state_dict()["pos_embed"])
 
 
-def test_vim_overlapping_patches_are_refused(vim_checkpoint):
-    state_dict, _ = vim_conv.load_vim_checkpoint(vim_checkpoint[0])
-    with pytest.raises(NotImplementedError, match="overlapping patches"):
-        vim_conv.vim_state_dict_to_vision(state_dict, stride=4)
-    overlapping = dict(state_dict)  # kernel 16, stride 8 on 32 px: a 3x3 grid
-    overlapping["patch_embed.proj.weight"] = torch.zeros(16, 3, 16, 16)
-    overlapping["pos_embed"] = torch.zeros(1, 10, 16)
-    with pytest.raises(NotImplementedError, match="stride 8"):
-        vim_conv.vim_state_dict_to_vision(overlapping, image_size=32)
+def test_vim_stride8_plus_checkpoint_converts_with_overlapping_patches(tmp_path):
+    """A "+" model (kernel 16, stride 8 at 32 px: a 3x3 grid), stride read from args or from --image-size."""
+    config = _tiny_vision_config(patch_size=16, patch_stride=8)
+    tower = _randomize(VLMambaVisionModel(config, mode="encoder"), seed=6).eval()
+    name = "vim_tiny_patch16_stride8_32_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2"
+    checkpoint = {"model": tower.state_dict(), "args": argparse.Namespace(model=name, input_size=32)}
+    torch.save(checkpoint, tmp_path / "plus.pth")
+    torch.save({"model": tower.state_dict()}, tmp_path / "plus_no_args.pth")
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = tower(pixels).last_hidden_state
+    for source, size in (("plus.pth", None), ("plus_no_args.pth", 32)):
+        out = vim_conv.convert_vim(tmp_path / source, tmp_path / f"out_{source}", image_size=size)
+        converted = VLMambaVisionModel.from_pretrained(str(out)).eval()
+        assert converted.config.patch_stride == 8 and converted.config.num_patches == 9
+        with torch.no_grad():
+            torch.testing.assert_close(converted(pixels).last_hidden_state, expected)
+    state_dict, _ = vim_conv.load_vim_checkpoint(tmp_path / "plus.pth")
+    with pytest.raises(ValueError, match="stride 32 must be from 1 to"):
+        vim_conv.vim_state_dict_to_vision(state_dict, stride=32)
+    with pytest.raises(ValueError, match="means 32px images, not the given image size 40"):
+        vim_conv.vim_state_dict_to_vision(state_dict, image_size=40, stride=8)
 
 
 def test_vim_unsupported_variants_list_their_keys(vim_checkpoint):

@@ -13,13 +13,14 @@ shapes (hidden size, depth, state size, expand, conv kernel, dt rank, patch size
 processor with Vim's ImageNet normalisation; pass it to `convert_mamba_lm_to_vlm_mamba.py --vision OUT`.
 
 Supported: Vim-tiny/small/base with a middle class token (`*_midclstok*` / `*_middle_cls_token*`), RMSNorm,
-bidirectional "v2" mixers, absolute position embedding, non-overlapping patches.
-Refused with a clear error: the stride-8 "+" variants (overlapping patches: VLMamba's patch embedding has no
-stride option), a class token at the head or two class tokens, LayerNorm variants, RoPE, "v1"/unidirectional
-mixers, no position embedding.
+bidirectional "v2" mixers, absolute position embedding, non-overlapping patches and the stride-8 "+" variants
+(overlapping patches: `patch_stride` in the config).
+Refused with a clear error: a class token at the head or two class tokens, LayerNorm variants, RoPE,
+"v1"/unidirectional mixers, no position embedding.
 
 Shapes cannot tell a stride-8 checkpoint at 224 px from a stride-16 one at 432 px: the stride is read from
-`args.model` and `args.input_size` when the checkpoint carries them, or from `--image-size`.
+`args.model` and `args.input_size` when the checkpoint carries them, or inferred from `--image-size`; without
+either, patches are taken as non-overlapping.
 """
 
 from __future__ import annotations
@@ -68,22 +69,13 @@ _UNSUPPORTED_HINTS = (
 )
 
 
-def _overlap_error(kernel: int, stride: int) -> NotImplementedError:
-    return NotImplementedError(
-        f"This Vim checkpoint's patch embedding has Conv2d kernel {kernel} but stride {stride} (overlapping patches "
-        "when the stride is smaller: the 'stride8' / '+' variants). VLMamba's patch embedding always uses "
-        "stride == patch_size and has no `patch_stride` option, so this checkpoint cannot be converted yet. Use a "
-        "non-overlapping Vim checkpoint (e.g. vim_t_midclstok_76p1acc.pth or vim_s_midclstok_80p5acc.pth)."
-    )
-
-
 def vim_state_dict_to_vision(
     state_dict: dict[str, torch.Tensor], image_size: int | None = None, stride: int | None = None
 ) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
     """Vim `VisionMamba` weights -> (VLMambaVisionModel weights, VLMambaVisionConfig kwargs, dropped keys).
 
     `image_size` (pixels) and `stride` are the checkpoint's training values when known; they are only needed to
-    detect overlapping patches, which shapes alone cannot reveal.
+    detect overlapping patches (the "+" / stride-8 models), which shapes alone cannot reveal.
     """
     dropped = sorted(k for k in state_dict if _DROPPED.fullmatch(k))
     unknown = sorted(k for k in state_dict if not _KEY.fullmatch(k) and not _DROPPED.fullmatch(k))
@@ -108,8 +100,11 @@ def vim_state_dict_to_vision(
             f"patch_embed.proj.weight must be a square Conv2d kernel, got shape {tuple(proj.shape)}."
         )
     hidden, channels, kernel = proj.shape[0], proj.shape[1], proj.shape[2]
-    if stride is not None and stride != kernel:
-        raise _overlap_error(kernel, stride)
+    if stride is not None and not 1 <= stride <= kernel:
+        raise ValueError(
+            f"The patch stride {stride} must be from 1 to the patch embedding's kernel size {kernel} (Vim uses "
+            "stride == kernel, or 8 for the '+' models)."
+        )
 
     layer_ids = sorted({int(m.group(1)) for k in weights if (m := re.match(r"layers\.(\d+)\.", k))})
     if not layer_ids or layer_ids != list(range(len(layer_ids))):
@@ -130,21 +125,26 @@ def vim_state_dict_to_vision(
             f"pos_embed has {weights['pos_embed'].shape[1]} positions ({num_patches} patches"
             f"{' + class token' if use_cls else ''}), not a square patch grid."
         )
-    native = grid * kernel
+    if (
+        stride is None
+        and image_size is not None
+        and image_size != grid * kernel
+        and grid > 1
+        and (image_size - kernel) % (grid - 1) == 0
+        and 1 <= (image_size - kernel) // (grid - 1) < kernel
+    ):
+        stride = (image_size - kernel) // (grid - 1)  # overlapping patches: a "+" model
+    stride = kernel if stride is None else stride
+    native = kernel + (grid - 1) * stride
     if image_size is not None and image_size != native:
-        if (
-            grid > 1
-            and (image_size - kernel) % (grid - 1) == 0
-            and (image_size - kernel) // (grid - 1) < kernel
-        ):
-            raise _overlap_error(kernel, (image_size - kernel) // (grid - 1))
         raise ValueError(
-            f"pos_embed holds a {grid}x{grid} patch grid, which with {kernel}px patches means {native}px images, "
-            f"not the given image size {image_size}."
+            f"pos_embed holds a {grid}x{grid} patch grid, which with {kernel}px patches every {stride}px means "
+            f"{native}px images, not the given image size {image_size}."
         )
     config_kwargs = {
         "image_size": native,
         "patch_size": kernel,
+        "patch_stride": None if stride == kernel else stride,
         "num_channels": channels,
         "hidden_size": hidden,
         "num_hidden_layers": len(layer_ids),
