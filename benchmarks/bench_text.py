@@ -7,7 +7,10 @@ warm-up, and reports medians and ratios (ours / baseline throughput: above 1 mea
 
     python -m benchmarks.bench_text --quick          # smoke run, about 2 minutes on 2 CPU cores
     python -m benchmarks.bench_text                  # full run -> benchmarks/results/text_cpu.{json,png}
-    python -m benchmarks.bench_text --device cuda --dtype bfloat16
+    python -m benchmarks.bench_text --device cuda --dtype bfloat16   # runs bench_gpu's text suite
+
+On a GPU the side-by-side set is another one (mamba_ssm with and without CUDA graphs, our CUDA-graph
+decoding, batch 8, the memory-bandwidth bound), so `--device cuda` hands over to `benchmarks.bench_gpu`.
 """
 
 from __future__ import annotations
@@ -630,6 +633,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.device == "cuda" and not args.memory_case:
+        from benchmarks.bench_gpu import main as gpu_main
+
+        print(
+            "--device cuda: running benchmarks.bench_gpu --suite text (results/text_<gpu>.json)", flush=True
+        )
+        gpu_main(["--suite", "text", "--dtype", args.dtype, *(["--quick"] if args.quick else [])])
+        return
     hf_logging.set_verbosity_error()  # transformers' "kernel not installed" notices, once per process
     device, dtype = args.device, DTYPES[args.dtype]
     if args.memory_case:

@@ -13,13 +13,18 @@ included), the same chat template and the same number of image tokens per image.
 
     python -m benchmarks.bench_vlm --quick          # smoke run, a few seconds of timing
     python -m benchmarks.bench_vlm                  # full run -> benchmarks/results/vlm_cpu.json
-    python -m benchmarks.bench_vlm --device cuda --dtype bfloat16
+    python -m benchmarks.bench_vlm --device cuda --dtype bfloat16   # -> results/vlm_<gpu>.json
+
+On CUDA a third candidate, ours_cuda_graphs, runs the same pipeline with
+generate_kwargs={"cache_implementation": "static"}: a fixed-shape state and a compiled (CUDA-graph) decode
+step. Decode and prefill at batch 1 and 8, memory and the bandwidth bound are `bench_gpu --suite vlm`.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -58,9 +63,10 @@ from vlm_mamba_hf import (
 from vlm_mamba_hf.processing_vlm_mamba import DEFAULT_CHAT_TEMPLATE
 from vlm_mamba_hf.tokenizer_utils import build_tokenizer
 
-OURS, LLAVA = "ours", "llava"
+OURS, OURS_CG, LLAVA = "ours", "ours_cuda_graphs", "llava"
 LABELS = {
     OURS: "VLMambaForConditionalGeneration (Mamba vision tower, bridger, Mamba language model)",
+    OURS_CG: "the same pipeline with generate(cache_implementation='static'): CUDA-graph decoding (CUDA only)",
     LLAVA: "transformers LlavaForConditionalGeneration (SigLIP vision tower, SDPA; Llama text model, SDPA)",
 }
 DEFAULT_MODEL_DIR = Path(vlm_mamba_hf.__file__).parent / "default_model"
@@ -313,9 +319,13 @@ def generate_kwargs(new_tokens: int) -> dict[str, Any]:
     return {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
 
 
-def pipeline_call(pipe, image: PIL.Image.Image, prompt: str, new_tokens: int) -> Callable[[], Any]:
-    """One end-to-end pipeline call: preprocess, generate, decode."""
+def pipeline_call(
+    pipe, image: PIL.Image.Image, prompt: str, new_tokens: int, static_cache: bool = False
+) -> Callable[[], Any]:
+    """One end-to-end pipeline call: preprocess, generate, decode (on a fixed-shape state: CUDA graphs)."""
     kwargs = generate_kwargs(new_tokens)
+    if static_cache:
+        kwargs["cache_implementation"] = "static"
     return lambda: pipe(images=image, text=prompt, generate_kwargs=kwargs, return_full_text=False)
 
 
@@ -352,6 +362,8 @@ def run_cases(args, pipes, models, processors, cases) -> dict[str, Any]:
             name: pipeline_call(pipe, image, spec["prompt"], spec["new_tokens"])
             for name, pipe in pipes.items()
         }
+        if args.device == "cuda":
+            candidates[OURS_CG] = pipeline_call(pipes[OURS], image, spec["prompt"], spec["new_tokens"], True)
         start = time.time()
         timings = compare(candidates, args.device, repeats=args.repeats, warmup=args.warmup)
         seconds = {name: t["median_s"] for name, t in timings.items()}
@@ -359,6 +371,11 @@ def run_cases(args, pipes, models, processors, cases) -> dict[str, Any]:
             **record,
             "seconds": seconds,
             "ratio_vs_llava": ratio(seconds[LLAVA], seconds[OURS]),
+            **(
+                {"ratio_cuda_graphs_vs_llava": ratio(seconds[LLAVA], seconds[OURS_CG])}
+                if OURS_CG in seconds
+                else {}
+            ),
             "timings": timings,
             "prompt_preview": spec["prompt"][:80] + ("..." if len(spec["prompt"]) > 80 else ""),
         }
@@ -399,21 +416,26 @@ def wait_for_quiet_machine(
 
 
 def print_table(results: dict[str, Any]) -> None:
+    graphs = any(OURS_CG in r["seconds"] for r in results["cases"].values())
     rows = [
         [
             case,
             r["prompt_tokens"],
             r["new_tokens"],
             r["seconds"][OURS],
+            *([r["seconds"].get(OURS_CG)] if graphs else []),
             r["seconds"][LLAVA],
             r["ratio_vs_llava"],
+            *([r.get("ratio_cuda_graphs_vs_llava")] if graphs else []),
         ]
         for case, r in results["cases"].items()
     ]
     print(
         "\nEnd to end via pipeline('image-text-to-text'), batch 1 (seconds per call; ratio = llava s / ours s)"
     )
-    print(format_table(["case", "prompt tokens", "new tokens", "ours s", "llava s", "llava/ours"], rows))
+    headers = ["case", "prompt tokens", "new tokens", "ours s", *(["ours cg s"] if graphs else [])]
+    headers += ["llava s", "llava/ours", *(["llava/ours cg"] if graphs else [])]
+    print(format_table(headers, rows))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -443,7 +465,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.long_tokens = args.long_tokens or (128 if quick else 2048)
     args.caption_tokens = 4 if quick else 16
     args.vqa_tokens = 2 if quick else 8
-    args.out = args.out or f"vlm_{args.device}" + ("_quick" if quick else "")
+    device_name = args.device
+    if args.device == "cuda" and torch.cuda.is_available():
+        device_name = re.sub(r"[^a-z0-9]+", "_", torch.cuda.get_device_name(0).lower()).strip("_")
+    args.out = args.out or f"vlm_{device_name}" + ("_quick" if quick else "")
     return args
 
 

@@ -1,4 +1,5 @@
-"""Smoke runs of the benchmark scripts: `--quick` finishes and writes the JSON the reports read (no timing asserts)."""
+"""Smoke runs of the benchmark scripts: `--quick` (bench_gpu: `--smoke`) finishes and writes the JSON the reports read
+(no timing asserts)."""
 
 import json
 import subprocess
@@ -8,26 +9,27 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("bench_vision", "bench_vlm")
-# Both quick runs together take about a minute on an idle 2-core CPU; the limit leaves room for a busy one.
-TIMEOUT_S = 300
+# Each script's smoke flags; bench_gpu's --smoke runs its GPU cases with tiny models on CPU (no mamba_ssm).
+SCRIPTS = {"bench_vision": ["--quick"], "bench_vlm": ["--quick"], "bench_gpu": ["--smoke"]}
+# The three runs together take about 1.5 minutes on an idle 2-core CPU; the limit leaves room for a busy one.
+TIMEOUT_S = 420
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def quick_runs(tmp_path_factory) -> dict[str, dict]:
-    """Run every script's --quick mode, in parallel subprocesses, each writing to a temporary JSON path."""
+    """Run every script's smoke flags, in parallel subprocesses, each writing to a temporary JSON path."""
     folder = tmp_path_factory.mktemp("bench")
     procs = {
         name: subprocess.Popen(
-            [sys.executable, "-m", f"benchmarks.{name}", "--quick", "--out", str(folder / f"{name}.json")],
+            [sys.executable, "-m", f"benchmarks.{name}", *flags, "--out", str(folder / name)],
             cwd=REPO_ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for name in SCRIPTS
+        for name, flags in SCRIPTS.items()
     }
     runs = {}
     for name, proc in procs.items():
@@ -36,11 +38,16 @@ def quick_runs(tmp_path_factory) -> dict[str, dict]:
         except subprocess.TimeoutExpired:
             proc.kill()
             stdout, stderr = proc.communicate()
-        path = folder / f"{name}.json"
+        paths = {
+            "": folder / f"{name}.json",
+            "text": folder / f"{name}_text.json",
+            "vlm": folder / f"{name}_vlm.json",
+        }
         runs[name] = {
             "returncode": proc.returncode,
             "log": (stdout + stderr)[-3000:],
-            "data": json.loads(path.read_text()) if path.exists() else None,
+            "data": json.loads(paths[""].read_text()) if paths[""].exists() else None,
+            "suites": {k: json.loads(p.read_text()) for k, p in paths.items() if k and p.exists()},
         }
     return runs
 
@@ -74,3 +81,19 @@ def test_quick_vlm_run_writes_seconds_and_ratio_per_case(quick_runs):
         assert case["seconds"]["ours"] > 0 and case["seconds"]["llava"] > 0
         assert case["ratio_vs_llava"] > 0
         assert case["image_tokens"] > 0
+
+
+def test_gpu_script_runs_every_case_and_candidate_tiny_on_cpu(quick_runs):
+    run = quick_runs["bench_gpu"]
+    assert run["returncode"] == 0, run["log"]
+    assert set(run["suites"]) == {"text", "vlm"}, run["log"]
+    text = run["suites"]["text"]["suites"]["text"]
+    assert run["suites"]["text"]["bandwidth"]["bytes_per_s"] > 0
+    assert {"decode", "prefill", "train", "memory", "targets"} <= set(text)
+    for cell in text["decode"].values():
+        assert {"ours", "ours_cuda_graphs", "mamba_hf", "llama"} <= set(cell["tokens_per_s"])
+        assert all(v > 0 for v in cell["fraction_of_bandwidth_bound"].values())
+    assert all("error" not in r for by_model in text["memory"].values() for r in by_model.values())
+    vlm = run["suites"]["vlm"]["suites"]["vlm"]
+    assert {"ours", "ours_cuda_graphs", "llava"} <= set(next(iter(vlm["decode"].values()))["tokens_per_s"])
+    assert all("error" not in r for by_model in vlm["memory"].values() for r in by_model.values())
