@@ -88,6 +88,7 @@ class VLMamba(nn.Module):
                     lora_dropout=lora.dropout,
                     include_vision=lora.include_vision,
                     train_bridger=lora.train_bridger,
+                    model_config=model.config,
                 ),
             )
         self.hf_model = model
