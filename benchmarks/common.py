@@ -143,7 +143,7 @@ def compare(
 
 def ratio(ours: float, baseline: float) -> float | None:
     """ours / baseline (for throughputs: above 1 means ours is faster); None when undefined."""
-    return ours / baseline if baseline else None
+    return ours / baseline if ours is not None and baseline else None
 
 
 # ----------------------------------------------------------------------------------------------------------
