@@ -10,7 +10,12 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Each script's smoke flags; bench_gpu's --smoke runs its GPU cases with tiny models on CPU (no mamba_ssm).
-SCRIPTS = {"bench_vision": ["--quick"], "bench_vlm": ["--quick"], "bench_gpu": ["--smoke"]}
+SCRIPTS = {
+    "bench_vision": ["--quick"],
+    "bench_vlm": ["--quick"],
+    "bench_gpu": ["--smoke"],
+    "bench_quality": ["--recipe", "tiny", "--quick", "--throughput-steps", "2", "--train-vlmamba"],
+}
 # The three runs together take about 1.5 minutes on an idle 2-core CPU; the limit leaves room for a busy one.
 TIMEOUT_S = 420
 
@@ -97,3 +102,19 @@ def test_gpu_script_runs_every_case_and_candidate_tiny_on_cpu(quick_runs):
     vlm = run["suites"]["vlm"]["suites"]["vlm"]
     assert {"ours", "ours_cuda_graphs", "llava"} <= set(next(iter(vlm["decode"].values()))["tokens_per_s"])
     assert all("error" not in r for by_model in vlm["memory"].values() for r in by_model.values())
+
+
+def test_quick_quality_run_trains_both_models_and_writes_the_table(quick_runs):
+    data = _finished(quick_runs["bench_quality"])
+    assert {"machine", "recipe", "runs", "throughput", "table"} <= set(data)
+    for name in ("vlmamba", "llava"):
+        run = data["runs"][name]
+        assert run["train_steps"] == 4 and run["source"] == "trained in this run"
+        assert 0 <= run["eval"]["easy_vqa_test"]["accuracy"] <= 1
+        assert data["throughput"][name]["examples_per_second"] > 0
+    # LLaVA is parameter-matched per part (within 10%), and its tokens per image follow its patch size.
+    for part in ("vision", "text"):
+        ours, theirs = data["runs"]["vlmamba"]["parameters"][part], data["runs"]["llava"]["parameters"][part]
+        assert abs(theirs - ours) / ours <= 0.10, part
+    assert data["throughput"]["ratio_vlmamba_over_llava"] > 0
+    assert "| vlmamba |" in data["table"] and "| llava |" in data["table"]
