@@ -907,6 +907,27 @@ def _fused_loss_applies(model: PreTrainedModel, labels: torch.Tensor | None, kwa
     )
 
 
+def _logits_and_loss(
+    model: PreTrainedModel,
+    hidden_states: torch.Tensor,
+    labels: torch.Tensor | None,
+    logits_to_keep: int | torch.Tensor,
+    vocab_size: int,
+    loss_kwargs: dict[str, Any],
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(logits, loss) of an LM head: the fused loss without logits when it applies, else logits and
+    `model.loss_function` over them (loss None without labels)."""
+    if _fused_loss_applies(model, labels, loss_kwargs):
+        weight = model.lm_head.weight
+        return None, fused_causal_lm_loss(
+            hidden_states, weight, labels, loss_kwargs.get("num_items_in_batch")
+        )
+    logits = _lm_logits(model.lm_head, hidden_states, logits_to_keep)
+    if labels is None:
+        return logits, None
+    return logits, model.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **loss_kwargs)
+
+
 def _lm_logits(lm_head: nn.Linear, hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor):
     if isinstance(logits_to_keep, int):
         hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
@@ -979,17 +1000,9 @@ class VLMambaForCausalLM(VLMambaPreTrainedModel, GenerationMixin):
             return_dict=True,
             attention_mask=attention_mask,
         )
-        logits = loss = None
-        if _fused_loss_applies(self, labels, kwargs):
-            loss = fused_causal_lm_loss(
-                outputs.last_hidden_state, self.lm_head.weight, labels, kwargs.get("num_items_in_batch")
-            )
-        else:
-            logits = _lm_logits(self.lm_head, outputs.last_hidden_state, logits_to_keep)
-            if labels is not None:
-                loss = self.loss_function(
-                    logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
-                )
+        logits, loss = _logits_and_loss(
+            self, outputs.last_hidden_state, labels, logits_to_keep, self.config.vocab_size, kwargs
+        )
         result = VLMambaCausalLMOutput(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
         )
@@ -1379,16 +1392,10 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             labels=labels,
         )
-        logits = loss = None
-        if _fused_loss_applies(self, labels, kwargs):
-            loss = fused_causal_lm_loss(
-                outputs.last_hidden_state, self.lm_head.weight, labels, kwargs.get("num_items_in_batch")
-            )
-        else:
-            logits = _lm_logits(self.lm_head, outputs.last_hidden_state, logits_to_keep)
-            if labels is not None:
-                vocab = self.config.text_config.vocab_size
-                loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab, **kwargs)
+        vocab = self.config.text_config.vocab_size
+        logits, loss = _logits_and_loss(
+            self, outputs.last_hidden_state, labels, logits_to_keep, vocab, kwargs
+        )
         result = VLMambaCausalLMOutput(
             loss=loss,
             logits=logits,
