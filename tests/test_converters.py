@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_mamba2_config
 from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
 from vlm_mamba_hf import (
@@ -58,20 +59,9 @@ def _tiny_lm(vocab_size: int = VOCAB, seed: int = 0) -> MambaForCausalLM:
 
 
 def _tiny_mamba2_config(vocab_size: int = VOCAB, **overrides) -> Mamba2Config:
-    # inner size 64 = 8 heads of 8 channels in 2 groups; chunk_size 5: the converter's 16-token check and
-    # _logits_diff's 12 tokens span several chunks and end inside one.
-    kwargs = dict(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        state_size=8,
-        expand=2,
-        head_dim=8,
-        num_heads=8,
-        n_groups=2,
-        chunk_size=5,
-    )
-    return Mamba2Config(**{**kwargs, **overrides})
+    # chunk_size 5: the converter's 16-token check and _logits_diff's 12 tokens span several chunks and end
+    # inside one.
+    return tiny_mamba2_config(**{"vocab_size": vocab_size, "chunk_size": 5, **overrides})
 
 
 def _tiny_mamba2_lm(vocab_size: int = VOCAB, seed: int = 0) -> Mamba2ForCausalLM:

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_lively, tiny_text_config
+from conftest import make_lively, tiny_mamba2_config, tiny_text_config
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from safetensors.torch import load_file
 from transformers import Mamba2Config, Mamba2ForCausalLM
@@ -19,27 +19,6 @@ from vlm_mamba_hf.modeling_vlm_mamba import VLMambaBiMamba2Mixer, VLMambaMamba2M
 LOGITS_ATOL_FP32 = 1e-4
 GRAD_REL_TOL_FP32 = 1e-4
 VOCAB = 97
-
-
-def tiny_mamba2_config(**overrides) -> Mamba2Config:
-    # inner size 64 = 8 heads of 8 channels in 2 groups; chunk_size 16 < most test lengths.
-    kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        state_size=8,
-        expand=2,
-        head_dim=8,
-        num_heads=8,
-        n_groups=2,
-        chunk_size=16,
-        conv_kernel=4,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    kwargs.update(overrides)
-    return Mamba2Config(**kwargs)
 
 
 def tiny_mamba2_vision_config(**overrides) -> VLMambaVisionConfig:
