@@ -112,8 +112,13 @@ def ours_config_and_processor() -> tuple[VLMambaConfig, VLMambaProcessor, str]:
         if (DEFAULT_MODEL_DIR / "config.json").exists()
         else None
     )
-    # A Fuyu-mode default has a one-Linear tower that no attention tower can match in size: use the small config.
-    if default is not None and default.vision_mode == "encoder":
+    # A default whose tower has no Mamba layer (Fuyu mode, or a bare patch embedding) is too small for any
+    # attention tower to match in size: use the small config.
+    if (
+        default is not None
+        and default.vision_mode == "encoder"
+        and default.vision_config.num_hidden_layers > 0
+    ):
         config = default
         try:
             processor = AutoProcessor.from_pretrained(DEFAULT_MODEL_DIR)
@@ -124,7 +129,9 @@ def ours_config_and_processor() -> tuple[VLMambaConfig, VLMambaProcessor, str]:
     else:
         tokenizer = build_tokenizer(CORPUS_SENTENCES * 50, vocab_size=512)
         config = small_config(tokenizer)
-        source = "small config (the default model is missing or has a Fuyu tower that LLaVA cannot match)"
+        source = (
+            "small config (the default model is missing or has a layerless tower that LLaVA cannot match)"
+        )
     size = config.vision_config.image_size
     processor = VLMambaProcessor(
         VLMambaImageProcessor(size={"height": size, "width": size}),
