@@ -158,9 +158,10 @@ def test_chunked_ssd_leaves_its_inputs_unchanged(length):
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])
-def test_channels_last_conv_matches_reference_values_and_gradients(k):
+@pytest.mark.parametrize("length", [1, 2, 9])  # shorter than the left context, and longer
+def test_channels_last_conv_matches_reference_values_and_gradients(k, length):
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 9, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, length, 6, generator=gen, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(6, k, generator=gen, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True)
     state = torch.randn(2, 6, k, generator=gen, dtype=torch.float64, requires_grad=True)

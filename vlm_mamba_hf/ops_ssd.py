@@ -460,35 +460,48 @@ def ssd_state_update(
 class _CausalConv1dRowsFn(torch.autograd.Function):
     """Causal depthwise conv over rows of a (b, l, c) tensor: out_t = bias + sum_j w_j * x_{t-k+1+j}.
 
-    Each tap is one fused multiply-add over contiguous rows; no transposes, unlike `F.conv1d` on (b, c, l).
+    Each tap is one fused multiply-add over contiguous rows, with no transposes (unlike `F.conv1d` on (b, c, l))
+    and no padded copy of x: the k - 1 rows of left context only touch the first k - 1 outputs.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, left):
         k, length = weight.shape[1], x.shape[1]
-        xp = torch.cat([left.to(x.dtype), x], dim=1)  # (b, k - 1 + l, c)
         w = weight.t().to(x.dtype)  # (k, c)
-        out = xp[:, k - 1 :] * w[k - 1]
+        left = left.to(x.dtype)
+        out = x * w[k - 1]
         for j in range(k - 1):
-            out.addcmul_(xp[:, j : j + length], w[j])
+            shift = k - 1 - j  # tap j reads x_{t - shift}, or left[t + j] while t < shift
+            if shift < length:
+                out[:, shift:].addcmul_(x[:, : length - shift], w[j])
+            head = min(shift, length)
+            out[:, :head].addcmul_(left[:, j : j + head], w[j])
         if bias is not None:
             out += bias.to(x.dtype)
-        ctx.save_for_backward(xp, weight)
+        ctx.save_for_backward(x, left, weight)
         ctx.has_bias = bias is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        xp, weight = ctx.saved_tensors
+        x, left, weight = ctx.saved_tensors
         k, length = weight.shape[1], grad_out.shape[1]
         w = weight.t().to(grad_out.dtype)
-        grad_xp = torch.zeros_like(xp)
+        grad_x = grad_out * w[k - 1]
+        grad_left = torch.zeros_like(left)
         grad_w = weight.new_empty(weight.shape)
-        for j in range(k):
-            grad_xp[:, j : j + length].addcmul_(grad_out, w[j])
-            grad_w[:, j] = (grad_out * xp[:, j : j + length]).sum((0, 1))
+        grad_w[:, k - 1] = (grad_out * x).sum((0, 1))
+        for j in range(k - 1):
+            shift = k - 1 - j
+            head = min(shift, length)
+            tap = (grad_out[:, :head] * left[:, j : j + head]).sum((0, 1))
+            if shift < length:
+                grad_x[:, : length - shift].addcmul_(grad_out[:, shift:], w[j])
+                tap += (grad_out[:, shift:] * x[:, : length - shift]).sum((0, 1))
+            grad_left[:, j : j + head].addcmul_(grad_out[:, :head], w[j])
+            grad_w[:, j] = tap
         grad_bias = grad_out.sum((0, 1)) if ctx.has_bias else None
-        return grad_xp[:, k - 1 :], grad_w, grad_bias, grad_xp[:, : k - 1]
+        return grad_x, grad_w, grad_bias, grad_left
 
 
 def causal_conv1d_rows(
