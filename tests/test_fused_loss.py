@@ -155,3 +155,17 @@ def test_an_adapter_on_the_lm_head_is_never_bypassed():
     with peft_model.disable_adapter():
         plain = peft_model(input_ids=input_ids, labels=labels, pixel_values=pixel_values)
     assert not torch.allclose(out.loss, plain.loss)
+
+
+def test_a_head_weight_gathered_only_inside_its_forward_keeps_the_unfused_path():
+    """DeepSpeed ZeRO-3 marks partitioned parameters with `ds_id` and gathers them only in the module's forward:
+    reading `lm_head.weight` from outside would see an empty shard."""
+    model = make_lively(VLMambaForCausalLM(tiny_text_config())).train()
+    input_ids = torch.randint(3, 97, (1, 6))
+    assert model(input_ids=input_ids, labels=input_ids).logits is None
+    model.lm_head.weight.ds_id = 0
+    out = model(input_ids=input_ids, labels=input_ids)
+    assert out.logits is not None
+    del model.lm_head.weight.ds_id
+    fused = model(input_ids=input_ids, labels=input_ids.int())  # int32 labels are accepted too
+    assert fused.logits is None and torch.allclose(fused.loss, out.loss, rtol=1e-5)

@@ -88,7 +88,7 @@ def fused_causal_lm_loss(
         raise ValueError(
             f"labels of shape {tuple(labels.shape)} do not match the sequence shape {tuple(hidden_states.shape[:2])}."
         )
-    targets = labels[:, 1:].reshape(-1).to(hidden_states.device)
+    targets = labels[:, 1:].reshape(-1).to(device=hidden_states.device, dtype=torch.long)
     keep = targets != ignore_index
     hidden = hidden_states[:, :-1].reshape(-1, hidden_states.shape[-1])[keep]
     targets = targets[keep]

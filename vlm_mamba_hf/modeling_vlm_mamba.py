@@ -896,13 +896,16 @@ class VLMambaTextModel(VLMambaPreTrainedModel):
 def _fused_loss_applies(model: PreTrainedModel, labels: torch.Tensor | None, kwargs: dict[str, Any]) -> bool:
     """Training with labels through a plain LM head: the fused projection + loss gives the same loss and
     gradients without the (b, l, vocab) logits. Not when an adapter or quantized layer wraps the head (the fused
-    path reads `lm_head.weight` and would bypass it), nor for caller-shifted labels."""
+    path reads `lm_head.weight` and would bypass it), nor when the weight is only gathered inside the head's own
+    forward (DeepSpeed ZeRO-3 partitions, FSDP2 wraps the class), nor for caller-shifted labels."""
+    if labels is None or not model.training or not model.fused_cross_entropy:
+        return False
+    head = model.lm_head
     return (
-        labels is not None
-        and model.training
-        and model.fused_cross_entropy
-        and type(model.lm_head) is nn.Linear
-        and model.lm_head.bias is None
+        type(head) is nn.Linear
+        and head.bias is None
+        and head.weight.numel() > 0
+        and not hasattr(head.weight, "ds_id")
         and kwargs.get("shift_labels") is None
     )
 
