@@ -51,6 +51,7 @@ from benchmarks.common import (
     plot_panels,
     random_token_ids,
     ratio,
+    wait_for_quiet_machine,
     write_json,
 )
 from vlm_mamba_hf import VLMambaForCausalLM
@@ -86,22 +87,6 @@ def mamba2_config(num_hidden_layers: int = 24) -> Mamba2Config:
 def mamba1_config(num_hidden_layers: int = 24) -> MambaConfig:
     """text-130m (state-spaces/mamba-130m-hf shape)."""
     return MambaConfig(hidden_size=768, num_hidden_layers=num_hidden_layers, vocab_size=VOCAB, state_size=16)
-
-
-def wait_for_quiet_machine(
-    max_load: float | None, max_minutes: float, poll_s: float = 30.0
-) -> dict[str, Any]:
-    """Poll the 1-minute load average until it is below `max_load` (or `max_minutes` pass); the record says how
-    it went, so that a run on a busy shared machine is marked as such. `max_load` None: no wait."""
-    start = time.time()
-    while max_load is not None and os.getloadavg()[0] >= max_load and time.time() - start < 60 * max_minutes:
-        time.sleep(poll_s)
-    load = list(os.getloadavg())
-    record = {"max_load": max_load, "waited_s": time.time() - start, "load_average_at_start": load}
-    record["quiet"] = max_load is None or load[0] < max_load
-    if max_load is not None:
-        print(f"load average {load[0]:.2f} after waiting {record['waited_s'] / 60:.1f} min", flush=True)
-    return record
 
 
 def build_models(layers: int, device: str, dtype: torch.dtype, llama_layers: int) -> tuple[dict, dict]:

@@ -312,3 +312,25 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
     return "\n".join(lines)
+
+
+def wait_for_quiet_machine(
+    max_load: float | None, max_minutes: float, poll_s: float = 30.0
+) -> dict[str, Any]:
+    """Poll the 1-minute load average until it is below `max_load` (or `max_minutes` pass); the record says
+    how it went, so a run on a busy shared machine is marked as such. `max_load` None: no wait."""
+    record: dict[str, Any] = {"max_load": max_load, "max_minutes": max_minutes, "waited_s": 0.0}
+    start = time.time()
+    while max_load is not None and os.getloadavg()[0] >= max_load and time.time() - start < 60 * max_minutes:
+        time.sleep(poll_s)
+    record["waited_s"] = time.time() - start
+    record["load_average_at_start"] = list(os.getloadavg())
+    record["quiet"] = max_load is None or record["load_average_at_start"][0] < max_load
+    if max_load is not None:
+        state = "below" if record["quiet"] else "still at or above"
+        print(
+            f"load average {record['load_average_at_start'][0]:.2f}: {state} {max_load} after "
+            f"{record['waited_s'] / 60:.1f} min",
+            flush=True,
+        )
+    return record
