@@ -346,16 +346,15 @@ def ssd_chunked(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     b, length, h, p = x.shape
-    if length == 0:
-        y = x.new_zeros(b, 0, h, p)
-        h0 = x.new_zeros(b, h, p, B.shape[3], dtype=torch.float32) if initial_state is None else initial_state
-        return (y, h0.float()) if return_final_state else y
-    dt = _prepare_dt(dt, dt_bias, dt_softplus, dt_limit)
     h0 = (
         x.new_zeros(b, h, p, B.shape[3], dtype=torch.float32)
         if initial_state is None
         else initial_state.float()
     )
+    if length == 0:
+        y = x.new_zeros(b, 0, h, p)
+        return (y, h0) if return_final_state else y
+    dt = _prepare_dt(dt, dt_bias, dt_softplus, dt_limit)
     chunk = min(chunk_size, _TORCH_MAX_CHUNK)
     D = None if D is None else D.float()
     y, final = _SSDChunkedFn.apply(x.float(), dt, A.float(), B.float(), C.float(), D, h0, chunk)
