@@ -382,11 +382,19 @@ def run_decode_cell(
     new = {name: args.new_tokens if name in FAST_DECODERS else args.slow_new_tokens for name in models}
     candidates: dict[str, Callable[[], Any]] = {}
     first_call_s: dict[str, float] = {}
+    errors: dict[str, str] = {}
     with torch.inference_mode():
-        for name, model in models.items():
+        for name, model in list(models.items()):
+            try:
+                call = generate_call(name, model, inputs, new[name])
+                first_call_s[name] = time_once(call, args.device)
+            except Exception as err:  # one candidate failing (a compile error, say) keeps the others
+                errors[name] = f"{type(err).__name__}: {err}"[:1500]
+                print(f"  decode: {name} failed: {errors[name][:400]}", flush=True)
+                continue
             candidates[f"{name}|1"] = generate_call(name, model, inputs, 1)
-            candidates[f"{name}|{new[name]}"] = generate_call(name, model, inputs, new[name])
-            first_call_s[name] = time_once(candidates[f"{name}|{new[name]}"], args.device)
+            candidates[f"{name}|{new[name]}"] = call
+        models = {name: m for name, m in models.items() if name not in errors}
         warmup = {key: int(key.endswith("|1")) for key in candidates}  # the N calls just ran once
         timings = compare(candidates, args.device, repeats=args.repeats, warmup=warmup)
     record: dict[str, Any] = {
@@ -411,11 +419,17 @@ def run_decode_cell(
         fraction[name] = bound / step
     if whole_call:
         record["per_token_from_whole_call"] = whole_call
+    if errors:
+        record["errors"] = errors
     record.update(
         ms_per_token=ms,
         tokens_per_s=tokens_per_s,
         fraction_of_bandwidth_bound=fraction,
-        ratios_vs={b: ratio(tokens_per_s[OURS_CG], tokens_per_s[b]) for b in models if tokens_per_s.get(b)},
+        ratios_vs={
+            b: ratio(tokens_per_s[OURS_CG], tokens_per_s[b])
+            for b in models
+            if tokens_per_s.get(b) and tokens_per_s.get(OURS_CG)
+        },
     )
     print(
         f"  decode b={batch} ctx={context}: "
@@ -520,20 +534,47 @@ def memory_child(spec: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def run_text_suite(args, budget: Budget, bandwidth: float, notes: list[str]) -> dict[str, Any]:
+def run_text_suite(args, budget: Budget, bandwidth: float, notes: list[str], flush=None) -> dict[str, Any]:
     ssm = mamba_ssm_status()
     if not ssm["available"]:
         notes.append(f"mamba_ssm and mamba_ssm_cg skipped: {ssm['reason']}")
+    flush = flush or (lambda _out: None)
     models, records = build_text_models(args.device, DTYPES[args.dtype], ssm)
     out: dict[str, Any] = {"config": records, "mamba_ssm": ssm, "decode": {}, "prefill": {}, "train": {}}
-    # Most telling cells first: whatever the budget cuts is at the end.
-    cells = [("decode", 1, args.contexts[0])]
+    out["memory"] = {}
+    names = [n for n in (OURS, MAMBA_SSM, MAMBA_HF, LLAMA) if n != MAMBA_SSM or ssm["available"]]
+
+    def memory_spec(case: str, model: str, length: int, **extra) -> dict[str, Any]:
+        return {
+            "suite": "text",
+            "device": args.device,
+            "cell": f"{case}_{length}",
+            "case": case,
+            "model": model,
+            "batch": 1,
+            "length": length,
+            **extra,
+        }
+
+    longest_prefill, longest_context = max(args.prefill_lengths), max(args.contexts)
+    target_memory = [memory_spec("prefill", n, longest_prefill) for n in names]
+    target_memory += [memory_spec("decode", n, longest_context, new_tokens=8) for n in (OURS, LLAMA)]
+    other_memory = [memory_spec("train", n, args.train_length) for n in names]
+    # Most telling cells first, the targets' cells before the rest: whatever the budget cuts is at the end.
+    # Peak memory runs in fresh processes, so the models held here do not count towards it.
+    cells: list[tuple[str, Any, int]] = [("decode", 1, args.contexts[0])]
     cells += [("prefill", 1, length) for length in args.prefill_lengths]
     cells += [("train", 1, args.train_length)]
-    cells += [
-        ("decode", b, c) for b in args.batches for c in args.contexts if (b, c) != (1, args.contexts[0])
-    ]
+    cells += [("decode", 1, c) for c in args.contexts[1:]]
+    cells += [("memory", target_memory, 0)]
+    cells += [("decode", b, c) for b in args.batches if b != 1 for c in args.contexts]
+    cells += [("memory", other_memory, 0)]
     for kind, batch, length in cells:
+        if kind == "memory":
+            for cell, by_model in run_memory_cells(batch, args, budget).items():
+                out["memory"].setdefault(cell, {}).update(by_model)
+            flush(out)
+            continue
         key = f"b{batch}_L{length}" if kind != "train" else f"L{length}"
         if not budget.allows(f"{kind} {key}"):
             continue
@@ -549,52 +590,18 @@ def run_text_suite(args, budget: Budget, bandwidth: float, notes: list[str]) -> 
         except torch.OutOfMemoryError as err:
             out[kind][key] = {"error": f"out of memory: {err}"[:500]}
             torch.cuda.empty_cache()
+        except Exception as err:  # one broken candidate must not cost the cells after it
+            out[kind][key] = {"error": f"{type(err).__name__}: {err}"[:1500]}
+            print(f"  {kind} {key}: failed: {type(err).__name__}: {err}"[:600], flush=True)
+        out["targets"] = text_targets(out)
+        flush(out)
     del models
     torch.cuda.empty_cache()
-    names = [n for n in (OURS, MAMBA_SSM, MAMBA_HF, LLAMA) if n != MAMBA_SSM or ssm["available"]]
-    specs = [
-        {
-            "suite": "text",
-            "device": args.device,
-            "cell": f"prefill_{max(args.prefill_lengths)}",
-            "case": "prefill",
-            "model": n,
-            "batch": 1,
-            "length": max(args.prefill_lengths),
-        }
-        for n in names
-    ]
-    specs += [
-        {
-            "suite": "text",
-            "device": args.device,
-            "cell": f"decode_{max(args.contexts)}",
-            "case": "decode",
-            "model": n,
-            "batch": 1,
-            "length": max(args.contexts),
-            "new_tokens": 8,
-        }
-        for n in (OURS, LLAMA)
-    ]
-    specs += [
-        {
-            "suite": "text",
-            "device": args.device,
-            "cell": f"train_{args.train_length}",
-            "case": "train",
-            "model": n,
-            "batch": 1,
-            "length": args.train_length,
-        }
-        for n in names
-    ]
-    out["memory"] = run_memory_cells(specs, args, budget)
     out["targets"] = text_targets(out)
     return out
 
 
-def run_vlm_suite(args, budget: Budget, bandwidth: float, notes: list[str]) -> dict[str, Any]:
+def run_vlm_suite(args, budget: Budget, bandwidth: float, notes: list[str], flush=None) -> dict[str, Any]:
     dtype = DTYPES[args.dtype]
     models, records = build_vlm_models(args.device, dtype)
     config = models[OURS].config
@@ -604,12 +611,16 @@ def run_vlm_suite(args, budget: Budget, bandwidth: float, notes: list[str]) -> d
     if budget.allows("vlm prefill"):
         inputs = vlm_inputs(config, 1, text_length, dtype, seed=11, device=args.device)
         out["prefill"][f"b1_L{context}"] = run_prefill_cell(models, inputs, args)
+        if flush:
+            flush(out)
     for batch in args.batches:
         if budget.allows(f"vlm decode b{batch}"):
             inputs = vlm_inputs(config, batch, 64, dtype, seed=12 + batch, device=args.device)
             out["decode"][f"b{batch}"] = run_decode_cell(
                 models, inputs, config.num_image_tokens + 64, args, bandwidth, config.text_config
             )
+            if flush:
+                flush(out)
     del models
     torch.cuda.empty_cache()
     specs = [
@@ -846,10 +857,6 @@ def main(argv: list[str] | None = None) -> None:
             "args": {k: v for k, v in vars(args).items() if k != "memory_case"},
             "notes": notes,
         }
-        runner = run_text_suite if suite == "text" else run_vlm_suite
-        results["suites"] = {suite: runner(args, budget, bandwidth["bytes_per_s"], notes)}
-        results["skipped"] = list(budget.skipped)
-        results["elapsed_s"] = time.time() - started
         name = (
             f"{args.out}_{suite}"
             if args.out
@@ -857,6 +864,20 @@ def main(argv: list[str] | None = None) -> None:
         )
         if args.out_dir and not args.out:
             name = os.path.join(args.out_dir, name + ".json")
+
+        def flush(partial: dict[str, Any], results=results, suite=suite, name=name) -> None:
+            # Written after every cell, so a run cut short by the lease still leaves what it measured.
+            results["suites"] = {suite: partial}
+            results["skipped"] = list(budget.skipped)
+            results["elapsed_s"] = time.time() - started
+            results["complete"] = False
+            write_json(name, results)
+
+        runner = run_text_suite if suite == "text" else run_vlm_suite
+        results["suites"] = {suite: runner(args, budget, bandwidth["bytes_per_s"], notes, flush)}
+        results["skipped"] = list(budget.skipped)
+        results["elapsed_s"] = time.time() - started
+        results["complete"] = True
         path = write_json(name, results)
         print_tables(results)
         print(f"wrote {path}", flush=True)

@@ -42,7 +42,7 @@ timeout 240 "$PYTHON" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 
 
 # The text suite gets most of what is left, the VLM suite the rest; --budget-min stops starting new cells,
 # the outer timeout stops a cell that runs long (its suite's JSON is then missing; the log says where).
-text_s=$(( $(left) * 65 / 100 ))
+text_s=$(( $(left) * 70 / 100 ))
 echo "== bench_gpu text ($(left) s left, budget ${text_s} s)"
 timeout $((text_s + 60)) "$PYTHON" -m benchmarks.bench_gpu --suite text --out-dir "$OUT" \
     --budget-min "$(minutes "$text_s")" 2>&1 | grep -v "^\s*$" | tail -n 60 | tee "$OUT/bench_text.log"
