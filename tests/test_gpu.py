@@ -70,23 +70,48 @@ def test_model_logits_and_greedy_tokens_match_torch_path_fp32(kernels):
     assert torch.equal(kernel_tokens, torch_tokens)
 
 
-@pytest.mark.parametrize("module", ["in_proj", "x_proj", "dt_proj", "out_proj"])
-def test_lora_delta_on_each_projection_takes_effect_under_kernels(kernels, module):
-    from peft import get_peft_model
+def _tiny_vlm(device: str = "cuda"):
+    from vlm_mamba_hf import VLMambaConfig, VLMambaForConditionalGeneration, VLMambaVisionConfig
 
-    from vlm_mamba_hf.lora import default_lora_config
-
+    vision = VLMambaVisionConfig(
+        image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1, state_size=4, use_cls_token=False
+    )
+    config = VLMambaConfig(
+        vision_config=vision, text_config=tiny_text_config(hidden_size=64), image_token_id=3
+    )
     torch.manual_seed(0)
-    model = VLMambaForCausalLM(tiny_text_config(hidden_size=64)).cuda().eval()
-    ids = torch.randint(3, 97, (1, 32), device="cuda")
+    model = make_lively(VLMambaForConditionalGeneration(config)).to(device)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 97, (1, 4 + 28), generator=gen)
+    ids[:, :4] = 3
+    pixel_values = torch.randn(1, 3, 16, 16, generator=gen)
+    inputs = {"input_ids": ids.to(device), "pixel_values": pixel_values.to(device)}
+    return model, inputs
+
+
+# A VLM, not a text-only model: PEFT refuses out_proj on configs whose model_type is "mamba".
+@pytest.mark.parametrize("part", ["language_model", "vision_tower"])
+@pytest.mark.parametrize("module", ["in_proj", "x_proj", "dt_proj", "out_proj"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_lora_delta_on_each_projection_takes_effect_under_kernels(kernels, module, part, mode):
+    """Eval runs the unfused kernels; train would take the fused mamba_inner_fn without adapters, and must not
+    with them (it reads the base weights directly and would skip the delta)."""
+    from vlm_mamba_hf import modeling_vlm_mamba as modeling
+    from vlm_mamba_hf.lora import apply_lora, default_lora_config
+
+    model, inputs = _tiny_vlm()
+    getattr(model, mode)()
     with torch.no_grad():
-        base = model(ids).logits
-    peft_model = get_peft_model(model, default_lora_config(train_bridger=False))
+        base = model(**inputs).logits
+    peft_model = apply_lora(model, default_lora_config(include_vision=True, model_config=model.config))
+    getattr(peft_model, mode)()
+    mixers = [m for name, m in peft_model.named_modules() if name.endswith(".mixer") and f".{part}." in name]
+    assert mixers and not any(modeling._can_use_fused_inner(m) for m in mixers)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if "lora_B" in name and f".{module}." in name:
+            if "lora_B" in name and f".{module}." in name and f".{part}." in name:
                 param.normal_(std=0.5)
-        adapted = peft_model(input_ids=ids).logits
+        adapted = peft_model(**inputs).logits
     assert (adapted - base).abs().max() > 1e-4
 
 
