@@ -344,6 +344,10 @@ def selective_scan_torch(
     return (y, h_last) if return_final_state else y
 
 
+def _last_dim_contiguous(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -364,14 +368,16 @@ def selective_scan(
     """
     kernel = _cuda_kernel("selective_scan_fn", u) if initial_state is None else None
     if kernel is not None:
+        # u, delta and z only need a contiguous last dimension (the kernel takes their other strides), as
+        # in_proj's x / z halves and the (b, d, l) delta projection have; B and C are small and copied.
         out = kernel(
-            u.contiguous(),
-            delta.contiguous(),
+            _last_dim_contiguous(u),
+            _last_dim_contiguous(delta),
             A.float().contiguous(),
             B.contiguous(),
             C.contiguous(),
             D=None if D is None else D.float(),
-            z=None if z is None else z.contiguous(),
+            z=None if z is None else _last_dim_contiguous(z),
             delta_bias=None if delta_bias is None else delta_bias.float(),
             delta_softplus=delta_softplus,
             return_last_state=return_final_state,
@@ -469,7 +475,9 @@ def causal_conv1d(
     if initial_state is None:
         kernel = _cuda_kernel("causal_conv1d_fn", x)
         if kernel is not None and k in (2, 3, 4):
-            return kernel(x.contiguous(), weight.contiguous(), bias, activation=activation)
+            # The kernel reads (b, d, l) with either l or d contiguous, at any batch stride.
+            x = x if x.stride(2) == 1 or x.stride(1) == 1 else x.contiguous()
+            return kernel(x, weight.contiguous(), bias, activation=activation)
         out = F.conv1d(x, weight.unsqueeze(1), bias, padding=k - 1, groups=x.shape[1])[..., : x.shape[-1]]
         return _activate(out, activation)
     left = initial_state[..., initial_state.shape[-1] - (k - 1) :] if k > 1 else x[..., :0]
