@@ -475,8 +475,9 @@ def causal_conv1d(
     if initial_state is None:
         kernel = _cuda_kernel("causal_conv1d_fn", x)
         if kernel is not None and k in (2, 3, 4):
-            # The kernel reads (b, d, l) with either l or d contiguous, at any batch stride.
-            x = x if x.stride(2) == 1 or x.stride(1) == 1 else x.contiguous()
+            # The kernel reads (b, d, l) with l contiguous at any batch stride (in_proj's x half); anything else
+            # is copied to that layout (its channel-last variant has stride conditions of its own).
+            x = x if x.stride(2) == 1 else x.contiguous()
             return kernel(x, weight.contiguous(), bias, activation=activation)
         out = F.conv1d(x, weight.unsqueeze(1), bias, padding=k - 1, groups=x.shape[1])[..., : x.shape[-1]]
         return _activate(out, activation)
