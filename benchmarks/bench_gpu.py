@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +57,7 @@ from benchmarks.bench_text import (
 )
 from benchmarks.common import (
     DTYPES,
+    card_slug,
     compare,
     emit_memory_result,
     format_table,
@@ -100,7 +100,9 @@ LABELS = {
 }
 TEXT_MODELS = (OURS, OURS_CG, MAMBA_SSM, MAMBA_SSM_CG, MAMBA_HF, LLAMA)
 VLM_MODELS = (OURS, OURS_CG, LLAVA)
-FAST_DECODERS = (OURS_CG, MAMBA_SSM_CG)  # get --new-tokens; the eager ones get --slow-new-tokens
+# The CUDA-graph candidates decode faster and get --new-tokens (the eager ones --slow-new-tokens); they share
+# their model with `ours` / `mamba_ssm`, so prefill, training and memory measure each model once.
+FAST_DECODERS = (OURS_CG, MAMBA_SSM_CG)
 # Shape-specialised graphs (one per batch size) rather than a dynamic-shape recompile on the second size.
 COMPILE_CONFIG = CompileConfig(dynamic=False, mode="reduce-overhead")
 # --smoke: transformers' compiled decoding on CPU too, traced by dynamo but run eagerly (no code generation).
@@ -119,11 +121,6 @@ def text_config():
 # ----------------------------------------------------------------------------------------------------------
 # Machine
 # ----------------------------------------------------------------------------------------------------------
-
-
-def card_slug(name: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'nvidia_h100_80gb_hbm3' (for file names)."""
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
 def measure_bandwidth(device: str, n_bytes: int = 2**30, repeats: int = 10) -> dict[str, Any]:
@@ -440,29 +437,34 @@ def run_decode_cell(
     return record
 
 
-def run_prefill_cell(models: dict[str, Any], inputs: dict[str, torch.Tensor], args) -> dict[str, Any]:
-    """Prefill tokens/s per candidate (one per distinct model: ours_cuda_graphs prefills as ours does)."""
-    length = inputs["input_ids"].numel()
-    candidates = {
-        name: prefill_call(name, m, inputs)
-        for name, m in models.items()
-        if name not in (OURS_CG, MAMBA_SSM_CG)
-    }
-    with torch.inference_mode():
-        timings = compare(candidates, args.device, repeats=args.repeats, warmup=1)
-    tps = {name: length / t["median_s"] for name, t in timings.items()}
-    print(f"  prefill L={length}: " + ", ".join(f"{n} {v:.0f} tok/s" for n, v in tps.items()), flush=True)
+def distinct_models(models: dict[str, Any]) -> dict[str, Any]:
+    """The candidates with a model of their own (the CUDA-graph decoders share theirs)."""
+    return {name: m for name, m in models.items() if name not in FAST_DECODERS}
+
+
+def throughput_record(kind: str, size_key: str, tokens: int, timings: dict[str, Any]) -> dict[str, Any]:
+    """tokens/s per candidate from `compare` timings, printed, with the ratios of ours against each."""
+    tps = {name: tokens / t["median_s"] for name, t in timings.items()}
+    print(f"  {kind} L={tokens}: " + ", ".join(f"{n} {v:.0f} tok/s" for n, v in tps.items()), flush=True)
     return {
-        "tokens": length,
+        size_key: tokens,
         "tokens_per_s": tps,
         "ratios_vs": {b: ratio(tps[OURS], v) for b, v in tps.items()},
         "timings": timings,
     }
 
 
+def run_prefill_cell(models: dict[str, Any], inputs: dict[str, torch.Tensor], args) -> dict[str, Any]:
+    """Prefill tokens/s per candidate (one per distinct model: ours_cuda_graphs prefills as ours does)."""
+    candidates = {name: prefill_call(name, m, inputs) for name, m in distinct_models(models).items()}
+    with torch.inference_mode():
+        timings = compare(candidates, args.device, repeats=args.repeats, warmup=1)
+    return throughput_record("prefill", "tokens", inputs["input_ids"].numel(), timings)
+
+
 def run_train_cell(models: dict[str, Any], length: int, args) -> dict[str, Any]:
     """Training-step tokens/s (fwd + bwd of the LM loss, batch 1); ours trains on the fused mamba_inner_fn."""
-    distinct = {name: m for name, m in models.items() if name not in (OURS_CG, MAMBA_SSM_CG)}
+    distinct = distinct_models(models)
     ids = text_inputs(1, length, seed=5, device=args.device)["input_ids"]
     for model in distinct.values():
         model.train()
@@ -473,14 +475,7 @@ def run_train_cell(models: dict[str, Any], length: int, args) -> dict[str, Any]:
         for model in distinct.values():
             model.zero_grad(set_to_none=True)
             model.eval()
-    tps = {name: length / t["median_s"] for name, t in timings.items()}
-    print(f"  train L={length}: " + ", ".join(f"{n} {v:.0f} tok/s" for n, v in tps.items()), flush=True)
-    return {
-        "length": length,
-        "tokens_per_s": tps,
-        "ratios_vs": {b: ratio(tps[OURS], v) for b, v in tps.items()},
-        "timings": timings,
-    }
+    return throughput_record("train", "length", length, timings)
 
 
 def run_memory_cells(specs: list[dict[str, Any]], args, budget: Budget) -> dict[str, Any]:
@@ -534,11 +529,16 @@ def memory_child(spec: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def run_text_suite(args, budget: Budget, bandwidth: float, notes: list[str], flush=None) -> dict[str, Any]:
+def _no_flush(_out: dict[str, Any]) -> None:
+    pass
+
+
+def run_text_suite(
+    args, budget: Budget, bandwidth: float, notes: list[str], flush: Callable[[dict], None] = _no_flush
+) -> dict[str, Any]:
     ssm = mamba_ssm_status()
     if not ssm["available"]:
         notes.append(f"mamba_ssm and mamba_ssm_cg skipped: {ssm['reason']}")
-    flush = flush or (lambda _out: None)
     models, records = build_text_models(args.device, DTYPES[args.dtype], ssm)
     out: dict[str, Any] = {"config": records, "mamba_ssm": ssm, "decode": {}, "prefill": {}, "train": {}}
     out["memory"] = {}
@@ -601,7 +601,9 @@ def run_text_suite(args, budget: Budget, bandwidth: float, notes: list[str], flu
     return out
 
 
-def run_vlm_suite(args, budget: Budget, bandwidth: float, notes: list[str], flush=None) -> dict[str, Any]:
+def run_vlm_suite(
+    args, budget: Budget, bandwidth: float, notes: list[str], flush: Callable[[dict], None] = _no_flush
+) -> dict[str, Any]:
     dtype = DTYPES[args.dtype]
     models, records = build_vlm_models(args.device, dtype)
     config = models[OURS].config
@@ -611,16 +613,14 @@ def run_vlm_suite(args, budget: Budget, bandwidth: float, notes: list[str], flus
     if budget.allows("vlm prefill"):
         inputs = vlm_inputs(config, 1, text_length, dtype, seed=11, device=args.device)
         out["prefill"][f"b1_L{context}"] = run_prefill_cell(models, inputs, args)
-        if flush:
-            flush(out)
+        flush(out)
     for batch in args.batches:
         if budget.allows(f"vlm decode b{batch}"):
             inputs = vlm_inputs(config, batch, 64, dtype, seed=12 + batch, device=args.device)
             out["decode"][f"b{batch}"] = run_decode_cell(
                 models, inputs, config.num_image_tokens + 64, args, bandwidth, config.text_config
             )
-            if flush:
-                flush(out)
+            flush(out)
     del models
     torch.cuda.empty_cache()
     specs = [
@@ -690,7 +690,7 @@ def print_tables(results: dict[str, Any]) -> None:
     print(f"{results['machine'].get('gpu') or results['machine']['cpu']}, {results['machine']['dtype']}")
     for suite, out in results["suites"].items():
         names = list(TEXT_MODELS if suite == "text" else VLM_MODELS)
-        distinct = [n for n in names if n not in (OURS_CG, MAMBA_SSM_CG)]  # prefill, train, memory
+        distinct = [n for n in names if n not in FAST_DECODERS]  # prefill, train, memory
         decode_rows = [
             [key, *(r["tokens_per_s"].get(n) for n in names), r["fraction_of_bandwidth_bound"].get(OURS_CG)]
             for key, r in out.get("decode", {}).items()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -54,6 +53,7 @@ from transformers.utils import logging as hf_logging
 import vlm_mamba_hf
 from benchmarks.common import (
     DTYPES,
+    card_slug,
     compare,
     format_table,
     machine_info,
@@ -461,7 +461,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.vqa_tokens = 2 if quick else 8
     device_name = args.device
     if args.device == "cuda" and torch.cuda.is_available():
-        device_name = re.sub(r"[^a-z0-9]+", "_", torch.cuda.get_device_name(0).lower()).strip("_")
+        device_name = card_slug(torch.cuda.get_device_name(0))
     args.out = args.out or f"vlm_{device_name}" + ("_quick" if quick else "")
     return args
 
