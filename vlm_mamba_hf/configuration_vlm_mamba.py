@@ -193,6 +193,14 @@ class VLMambaVisionConfig(PreTrainedConfig):
     def num_patches(self) -> int:
         return self.grid_side() ** 2
 
+    def check_stride_for_mode(self, mode: str) -> None:
+        """Fuyu mode flattens non-overlapping patches: a stride other than the patch size is an error there."""
+        if mode == "fuyu" and self.stride != self.patch_size:
+            raise ValueError(
+                f"patch_stride ({self.stride}) must equal patch_size ({self.patch_size}) in fuyu mode, "
+                "which flattens non-overlapping patches; use vision_mode='encoder' for overlapping patches."
+            )
+
     def validate_architecture(self):
         """Sizes positive, image divisible into patches, a supported activation."""
         _require_positive(
@@ -216,11 +224,7 @@ class VLMambaVisionConfig(PreTrainedConfig):
                     f"patch_stride must be an integer from 1 to patch_size ({self.patch_size}), got "
                     f"{self.patch_stride!r}; leave it None for non-overlapping patches."
                 )
-            if self.mode == "fuyu" and self.patch_stride != self.patch_size:
-                raise ValueError(
-                    f"patch_stride ({self.patch_stride}) must equal patch_size ({self.patch_size}) in fuyu mode, "
-                    "which flattens non-overlapping patches; use vision_mode='encoder' for overlapping patches."
-                )
+            self.check_stride_for_mode(self.mode)
         if self.image_size < self.patch_size or (self.image_size - self.patch_size) % self.stride:
             raise ValueError(
                 f"image_size ({self.image_size}) must be at least patch_size ({self.patch_size}) and "

@@ -158,14 +158,15 @@ class VLMambaDeltaProjection(nn.Linear):
         return F.linear(input, self.weight)
 
 
+def _is_plain(module: nn.Module, cls: type) -> bool:
+    """Whether `module` is exactly `cls` with no hook: no adapter wraps it (PEFT swaps in its own class), so a
+    kernel or another layout may read its weight directly without skipping anything a module call would do."""
+    return type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks
+
+
 def _plain_projection(module: nn.Module) -> bool:
-    """Whether `module` is exactly our Linear (no adapter wrapping it, no hook), so its weight may be used
-    directly in a matmul of another layout; anything else is called as a module."""
-    return (
-        type(module) in (nn.Linear, VLMambaDeltaProjection)
-        and not module._forward_hooks
-        and not module._forward_pre_hooks
-    )
+    """`_is_plain` for the projections whose weight `_project_bdl` reads; anything else is called as a module."""
+    return _is_plain(module, nn.Linear) or _is_plain(module, VLMambaDeltaProjection)
 
 
 def _kernel_layout(tensor: torch.Tensor) -> bool:
@@ -395,11 +396,7 @@ def _can_use_fused_inner(mixer: VLMambaMixer) -> bool:
         return False
     if not kernel_available("mamba_inner_fn", mixer.A_log.device):
         return False
-    for name, cls in _FUSED_INNER_MODULES.items():
-        module = getattr(mixer, name)
-        if type(module) is not cls or module._forward_hooks or module._forward_pre_hooks:
-            return False
-    return True
+    return all(_is_plain(getattr(mixer, name), cls) for name, cls in _FUSED_INNER_MODULES.items())
 
 
 class VLMambaBiMixer(VLMambaMixer):
@@ -1070,11 +1067,7 @@ class VLMambaPatchEmbed(nn.Module):
                 config.num_channels, config.hidden_size, kernel_size=p, stride=config.stride
             )
         else:
-            if config.stride != p:
-                raise ValueError(
-                    f"patch_stride ({config.stride}) must equal patch_size ({p}) in fuyu mode, which flattens "
-                    "non-overlapping patches; use the encoder mode for overlapping patches."
-                )
+            config.check_stride_for_mode(mode)
             self.proj = nn.Linear(config.num_channels * p * p, config.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
