@@ -4,42 +4,27 @@ import pytest
 import torch
 from transformers import Mamba2Config, MambaConfig
 
+_TINY_TEXT = dict(
+    vocab_size=97,
+    hidden_size=32,
+    num_hidden_layers=2,
+    state_size=8,
+    expand=2,
+    conv_kernel=4,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
 
 def tiny_text_config(**overrides) -> MambaConfig:
-    kwargs = dict(
-        vocab_size=97,
-        hidden_size=32,
-        num_hidden_layers=2,
-        state_size=8,
-        expand=2,
-        conv_kernel=4,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    kwargs.update(overrides)
-    return MambaConfig(**kwargs)
+    return MambaConfig(**{**_TINY_TEXT, **overrides})
 
 
 def tiny_mamba2_config(**overrides) -> Mamba2Config:
     # inner size 64 = 8 heads of 8 channels in 2 groups; chunk_size 16 < most test lengths.
-    kwargs = dict(
-        vocab_size=97,
-        hidden_size=32,
-        num_hidden_layers=2,
-        state_size=8,
-        expand=2,
-        head_dim=8,
-        num_heads=8,
-        n_groups=2,
-        chunk_size=16,
-        conv_kernel=4,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    kwargs.update(overrides)
-    return Mamba2Config(**kwargs)
+    mamba2 = dict(head_dim=8, num_heads=8, n_groups=2, chunk_size=16)
+    return Mamba2Config(**{**_TINY_TEXT, **mamba2, **overrides})
 
 
 def make_lively(model: torch.nn.Module, seed: int = 0, scale: float = 2.0) -> torch.nn.Module:

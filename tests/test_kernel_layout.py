@@ -73,7 +73,8 @@ def test_text_mixer_kernel_layout_gives_the_same_logits_and_gradients(use_bias, 
         assert _rel_err(grad, grads[name]) <= 1e-4, name
 
 
-def test_cached_generation_in_kernel_layout_equals_default(layout_calls):
+def test_cached_generation_in_kernel_layout_equals_recompute(layout_calls):
+    """The prefill fills the cache from the (b, d, l) projections; decoding from it must match recomputing."""
     model = _text_model().eval()
     ids = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(2))
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
