@@ -19,10 +19,13 @@ from vlm_mamba_hf.training.recipes import (
     build_model_config,
     build_processor,
     build_train_dataset,
+    easy_vqa_chats,
     get_recipe,
 )
 from vlm_mamba_hf.training.train import (
     VLMambaTrainer,
+    _recipe_from_args,
+    build_parser,
     check_resume_compatible,
     cpu_supports_bf16,
     training_arguments,
@@ -150,6 +153,43 @@ def test_collator_takes_examples_without_images(processor):
 def test_collator_error_names_remove_unused_columns(processor):
     with pytest.raises(ValueError, match="remove_unused_columns=False"):
         VLMambaDataCollator(processor)([{"input_ids": [1, 2]}])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Recipe data
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _answers(chats) -> list[str]:
+    return [m["content"] for chat in chats for m in chat["messages"] if m["role"] == "assistant"]
+
+
+@pytest.mark.parametrize("types", [("shape",), ("shape", "colour"), ("yesno",)])
+def test_easy_vqa_answer_types_keep_exactly_those_questions(types):
+    from vlm_mamba_hf.data.easy_vqa import EasyVQADataset
+
+    recipe = get_recipe("tiny", easy_vqa_limit=300, easy_vqa_answer_types=types)
+    chats = easy_vqa_chats(recipe)
+    # Reference: the same subset of the dataset, filtered by hand.
+    shapes, yes_no = {"circle", "rectangle", "triangle"}, {"yes", "no"}
+    wanted = {"shape": lambda a: a in shapes, "yesno": lambda a: a in yes_no}
+    wanted["colour"] = lambda a: a not in shapes | yes_no
+    reference = [
+        e["answer"]
+        for e in EasyVQADataset("train", limit=300, seed=recipe.seed).examples
+        if any(wanted[t](e["answer"]) for t in types)
+    ]
+    assert sorted(_answers(chats)) == sorted(reference) and reference
+    assert all(len(chat["messages"]) <= 2 * recipe.turns for chat in chats)
+
+
+def test_easy_vqa_answer_types_from_the_command_line_and_bad_values():
+    args = build_parser().parse_args(["--recipe", "tiny", "--easy-vqa-answer-types", "shape", "colour"])
+    assert _recipe_from_args(args).easy_vqa_answer_types == ("shape", "colour")
+    assert _recipe_from_args(build_parser().parse_args(["--recipe", "tiny"])).easy_vqa_answer_types is None
+    for bad in [(), ("shapes",)]:
+        with pytest.raises(ValueError, match="easy_vqa_answer_types"):
+            easy_vqa_chats(get_recipe("tiny", easy_vqa_limit=50, easy_vqa_answer_types=bad))
 
 
 # ----------------------------------------------------------------------------------------------------------

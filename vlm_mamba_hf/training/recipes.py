@@ -82,6 +82,7 @@ class Recipe:
     # Data (shape scenes are drawn at scene_size px, like the 64 px easy-VQA images)
     scene_size: int = 64
     easy_vqa_limit: int | None = None
+    easy_vqa_answer_types: tuple[str, ...] | None = None
     shapes_train_scenes: int = 8000
     turns: int = 3
     max_length: int = 192
@@ -175,14 +176,32 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+EASY_VQA_ANSWER_TYPES: tuple[str, ...] = ("shape", "colour", "yesno")
+
+
+def easy_vqa_answer_type(answer: str) -> str:
+    """ "shape" (circle, rectangle, triangle), "yesno", or "colour" (the other easy-VQA answers)."""
+    if answer in ("circle", "rectangle", "triangle"):
+        return "shape"
+    return "yesno" if answer in ("yes", "no") else "colour"
+
+
 def easy_vqa_chats(recipe: Recipe) -> list[dict[str, Any]]:
-    """easy-VQA train questions grouped per image into chats of up to `recipe.turns` turns."""
+    """easy-VQA train questions grouped per image into chats of up to `recipe.turns` turns; with
+    `recipe.easy_vqa_answer_types` set, only the questions whose answer is of those types."""
     from ..data.easy_vqa import EasyVQADataset
 
+    types = recipe.easy_vqa_answer_types
+    if types is not None and (not types or set(types) - set(EASY_VQA_ANSWER_TYPES)):
+        raise ValueError(
+            f"easy_vqa_answer_types must be a non-empty selection of {EASY_VQA_ANSWER_TYPES}, got {types!r}; "
+            "leave it None for all questions."
+        )
     dataset = EasyVQADataset("train", limit=recipe.easy_vqa_limit, seed=recipe.seed)
     by_image: dict[int, list[dict[str, Any]]] = {}
     for example in dataset.examples:
-        by_image.setdefault(example["image_id"], []).append(example)
+        if types is None or easy_vqa_answer_type(example["answer"]) in types:
+            by_image.setdefault(example["image_id"], []).append(example)
     rng = random.Random(f"easy_vqa/{recipe.seed}")
     chats = []
     for examples in by_image.values():
@@ -304,6 +323,8 @@ __all__ = [
     "build_model_config",
     "build_processor",
     "build_train_dataset",
+    "EASY_VQA_ANSWER_TYPES",
+    "easy_vqa_answer_type",
     "easy_vqa_chats",
     "get_recipe",
     "num_image_tokens",

@@ -34,7 +34,14 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..configuration_vlm_mamba import VLMambaConfig
 from ..modeling_vlm_mamba import VLMambaForConditionalGeneration
 from .collator import VLMambaDataCollator
-from .recipes import Recipe, build_model_config, build_processor, build_train_dataset, get_recipe
+from .recipes import (
+    EASY_VQA_ANSWER_TYPES,
+    Recipe,
+    build_model_config,
+    build_processor,
+    build_train_dataset,
+    get_recipe,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -381,6 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--head-dim", type=int, default=None)
     parser.add_argument("--shapes-train-scenes", type=int, default=None)
     parser.add_argument("--easy-vqa-limit", type=int, default=None)
+    parser.add_argument(
+        "--easy-vqa-answer-types",
+        nargs="+",
+        choices=EASY_VQA_ANSWER_TYPES,
+        default=None,
+        help="train only on easy-VQA questions with these answer types (default: all)",
+    )
     parser.add_argument("--turns", type=int, default=None)
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU: only with native bf16)")
@@ -422,6 +436,7 @@ def _recipe_from_args(args: argparse.Namespace) -> Recipe:
         head_dim=args.head_dim,
         shapes_train_scenes=args.shapes_train_scenes,
         easy_vqa_limit=args.easy_vqa_limit,
+        easy_vqa_answer_types=tuple(args.easy_vqa_answer_types) if args.easy_vqa_answer_types else None,
         turns=args.turns,
         eval_vqa_limit=args.eval_vqa_limit,
         eval_caption_scenes=args.eval_caption_scenes,
