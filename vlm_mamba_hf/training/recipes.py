@@ -21,7 +21,7 @@ Why the default model looks the way it does (measured on the 2-core CPU of this 
   - LayerNorm before the bridger: raw-pixel patch features grew to a scale (std ~18 after the projection,
     ~850 after the bridger) at which the object's signal was a small perturbation of the background's.
   - Width 128, 4 layers, state 16, head_dim 32: 0.57M parameters (2.3 MB in fp32), about 3,500 steps in
-    the 24-minute budget on one thread (the shipped model: 3482). The learning rate follows warmup + cosine
+    the 24-minute budget on one thread (the shipped model: 3533). The learning rate follows warmup + cosine
     over the time budget (`VLMambaTrainer`), so a run cut by the budget still ends decayed.
   - Overlapping patches (`--vision-mode encoder --patch-size 16 --patch-stride 8 --vision-layers 0`, 49 tokens)
     over the same budget: easy-VQA 85.4% (Fuyu: 83.5%) but test-caption exact match 16.6% (Fuyu: 36.2%);
