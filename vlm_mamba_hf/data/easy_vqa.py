@@ -17,6 +17,8 @@ from torch.utils.data import Dataset
 logger = logging.getLogger(__name__)
 
 EASY_VQA_SPLITS: tuple[str, ...] = ("train", "test")
+EASY_VQA_ANSWER_TYPES: tuple[str, ...] = ("shape", "colour", "yesno")
+EASY_VQA_SHAPES: frozenset[str] = frozenset({"circle", "rectangle", "triangle"})
 
 
 def _import_easy_vqa() -> ModuleType:
@@ -32,6 +34,13 @@ def _import_easy_vqa() -> ModuleType:
 def easy_vqa_answers() -> list[str]:
     """The answer vocabulary of easy-VQA, in the package's order (13 answers)."""
     return list(_import_easy_vqa().get_answers())
+
+
+def easy_vqa_answer_type(answer: str) -> str:
+    """ "shape" (circle, rectangle, triangle), "yesno", or "colour" (the other easy-VQA answers)."""
+    if answer in EASY_VQA_SHAPES:
+        return "shape"
+    return "yesno" if answer in ("yes", "no") else "colour"
 
 
 def _decode(path: str) -> Image.Image:

@@ -197,20 +197,10 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-EASY_VQA_ANSWER_TYPES: tuple[str, ...] = ("shape", "colour", "yesno")
-
-
-def easy_vqa_answer_type(answer: str) -> str:
-    """ "shape" (circle, rectangle, triangle), "yesno", or "colour" (the other easy-VQA answers)."""
-    if answer in ("circle", "rectangle", "triangle"):
-        return "shape"
-    return "yesno" if answer in ("yes", "no") else "colour"
-
-
 def easy_vqa_chats(recipe: Recipe) -> list[dict[str, Any]]:
     """easy-VQA train questions grouped per image into chats of up to `recipe.turns` turns; with
     `recipe.easy_vqa_answer_types` set, only the questions whose answer is of those types."""
-    from ..data.easy_vqa import EasyVQADataset
+    from ..data.easy_vqa import EASY_VQA_ANSWER_TYPES, EasyVQADataset, easy_vqa_answer_type
 
     types = recipe.easy_vqa_answer_types
     if types is not None and (not types or set(types) - set(EASY_VQA_ANSWER_TYPES)):
@@ -344,8 +334,6 @@ __all__ = [
     "build_model_config",
     "build_processor",
     "build_train_dataset",
-    "EASY_VQA_ANSWER_TYPES",
-    "easy_vqa_answer_type",
     "easy_vqa_chats",
     "get_recipe",
     "num_image_tokens",

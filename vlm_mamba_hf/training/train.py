@@ -32,16 +32,10 @@ from transformers import GenerationConfig, Trainer, TrainerCallback, TrainingArg
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..configuration_vlm_mamba import VLMambaConfig
+from ..data.easy_vqa import EASY_VQA_ANSWER_TYPES
 from ..modeling_vlm_mamba import VLMambaForConditionalGeneration
 from .collator import VLMambaDataCollator
-from .recipes import (
-    EASY_VQA_ANSWER_TYPES,
-    Recipe,
-    build_model_config,
-    build_processor,
-    build_train_dataset,
-    get_recipe,
-)
+from .recipes import Recipe, build_model_config, build_processor, build_train_dataset, get_recipe
 
 logger = logging.getLogger(__name__)
 
