@@ -37,8 +37,9 @@ Why the default model looks the way it does (measured on the 2-core CPU of this 
   - Learning rate 1.5e-3: over the full budget, two runs side by side, 1.5e-3 gave easy-VQA 86.3% and
     test-caption exact match 45.8% (3,533 steps; the shipped model), 1e-3 gave 82.8% / 27.6%, against
     83.5% / 36.2% for the earlier 3e-3. In 600-step probes on easy-VQA shape and colour questions only
-    (`--easy-vqa-answer-types shape colour --shapes-train-scenes 0`), 3e-3 learned colours (99%) but not shapes
-    (65%); 1e-3 learned both (100% / 90%); 3e-3 without the bridger's LayerNorm 100% / 80%.
+    (`--easy-vqa-answer-types shape colour --shapes-train-scenes 0 --turns 3 --max-steps 600`), 3e-3 learned
+    colours (99%) but not shapes (65%); 1e-3 learned both (100% / 90%); 3e-3 with the bridger's LayerNorm
+    removed (a probe patch; the recipe has no flag for it) 100% / 80%.
 
 What limits easy-VQA accuracy (probes of 500-1,000 steps at one thread; the 3e-3 model):
   - Underfitting, not overfitting: 84.0% on 3,000 train questions against 83.0% on 3,000 test ones. Shapes
