@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_lively, tiny_text_config
+from conftest import make_lively, tiny_mamba2_config, tiny_text_config
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from safetensors.torch import load_file, save_file
 from transformers import MambaConfig, MambaForCausalLM, TextStreamer
@@ -105,6 +105,47 @@ def test_padded_logits_equal_unpadded_logits(loaded):
         alone = model(prompt).logits
         with_pad = model(padded, attention_mask=mask).logits[:, 3:]
     assert (alone - with_pad).abs().max().item() <= LOGITS_ATOL_FP32
+
+
+@pytest.mark.parametrize("make_config", [tiny_text_config, tiny_mamba2_config], ids=["mamba1", "mamba2"])
+def test_right_padded_training_batch_loss_and_grads_equal_each_row_alone(make_config):
+    """Training on a right-padded batch (the collator's layout) gives the loss and gradients of the rows run
+    one at a time without padding, and so does a left-padded batch (which must be masked)."""
+    model = make_lively(VLMambaForCausalLM(make_config())).train()
+    rows = [torch.randint(3, 97, (n,)) for n in (11, 6, 9)]
+    n_targets = sum(len(r) - 1 for r in rows)
+
+    def grads_of(loss):
+        model.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    alone = sum(model(r[None], labels=r[None]).loss * (len(r) - 1) for r in rows) / n_targets
+    reference = grads_of(alone)
+    longest = max(len(r) for r in rows)
+    for side in ("right", "left"):
+        ids = torch.zeros(len(rows), longest, dtype=torch.long)
+        labels = torch.full_like(ids, -100)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            span = slice(0, len(r)) if side == "right" else slice(longest - len(r), longest)
+            ids[i, span], labels[i, span], mask[i, span] = r, r, 1
+            labels[i, span.start] = -100  # predicted from a pad position when padded on the left
+        seen = []
+        hooks = [
+            layer.mixer.register_forward_pre_hook(
+                lambda m, args, kwargs: seen.append(kwargs["attention_mask"]), with_kwargs=True
+            )
+            for layer in model.backbone.layers
+        ]
+        loss = model(ids, attention_mask=mask, labels=labels).loss
+        for hook in hooks:
+            hook.remove()
+        # Right padding needs no mask in training (it is skipped, saving work); left padding keeps it.
+        assert all((m is None) == (side == "right") for m in seen) and len(seen) == len(hooks)
+        assert loss.item() == pytest.approx(alone.item(), rel=1e-5), side
+        for name, grad in grads_of(loss).items():
+            torch.testing.assert_close(grad, reference[name], atol=1e-5, rtol=1e-4, msg=f"{side} {name}")
 
 
 def test_text_streamer_receives_generated_tokens(loaded):

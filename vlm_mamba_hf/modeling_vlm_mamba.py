@@ -810,6 +810,11 @@ def _with_mamba2_config(pretrained_model_name_or_path, kwargs: dict) -> dict:
     return kwargs
 
 
+def _is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """Whether every row of a (b, l) mask is ones followed by zeros (no padding on the left or inside)."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+
+
 def _check_attention_mask(attention_mask: torch.Tensor | None, batch: int, seq_len: int, cache) -> None:
     if attention_mask is None:
         return
@@ -905,6 +910,17 @@ class VLMambaTextModel(VLMambaPreTrainedModel):
         _check_attention_mask(attention_mask, batch, seq_len, cache)
         if attention_mask is not None and attention_mask.shape[1] != seq_len:
             attention_mask = None  # decoding past the prompt: the state already holds the past
+        if (
+            self.training
+            and cache is None
+            and not output_hidden_states
+            and attention_mask is not None
+            and _is_right_padded(attention_mask)
+        ):
+            # Every layer is causal, so right padding never reaches the positions before it: the outputs at
+            # real tokens (all a training loss reads) are the same without the mask, which costs three
+            # multiplies per layer and their backward.
+            attention_mask = None
         if self.gradient_checkpointing and self.training:
             use_cache = False
         if use_cache and cache is None:
