@@ -134,7 +134,7 @@ def test_right_padded_training_batch_loss_and_grads_equal_each_row_alone(make_co
         seen = []
         hooks = [
             layer.mixer.register_forward_pre_hook(
-                lambda m, args, kwargs: seen.append(kwargs["attention_mask"]), with_kwargs=True
+                lambda m, args, kwargs, seen=seen: seen.append(kwargs["attention_mask"]), with_kwargs=True
             )
             for layer in model.backbone.layers
         ]

@@ -28,6 +28,8 @@ from vlm_mamba_hf.training.train import (
     build_parser,
     check_resume_compatible,
     cpu_supports_bf16,
+    is_vision_parameter,
+    split_vision_param_groups,
     training_arguments,
 )
 
@@ -241,6 +243,63 @@ def test_gradient_accumulation_loss_is_token_weighted(recipe, processor, train_d
     for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
         expected = q.detach() - q.grad if q.grad is not None else q.detach()
         torch.testing.assert_close(p.detach(), expected, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_vision_lr_scale_scales_only_the_image_path(recipe, processor, tmp_path):
+    """One SGD step (lr 1, no decay, no clipping): image-path parameters move by scale x their gradient, the
+    rest by their gradient, against a manual step on a copy."""
+    examples = [_qa("red"), _qa("a red circle at the top left.")]
+    collator = VLMambaDataCollator(processor)
+    model, reference = _model(recipe, processor), _model(recipe, processor)
+    args = _args(
+        tmp_path,
+        recipe.replace(batch_size=2, max_steps=1, learning_rate=1.0, weight_decay=0.0),
+        optim="sgd",
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+        train_sampling_strategy="sequential",
+    )
+    trainer = VLMambaTrainer(
+        model=model, args=args, train_dataset=ExampleList(examples), data_collator=collator
+    )
+    trainer.vision_lr_scale = 0.25
+    trainer.train()
+
+    reference(**collator(examples)).loss.backward()
+    vision_names = [n for n, _ in reference.named_parameters() if is_vision_parameter(n)]
+    assert any("patch_embed" in n for n in vision_names) and any(
+        "multi_modal_projector" in n for n in vision_names
+    )
+    assert not any("language_model" in n for n in vision_names)
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        scale = 0.25 if name in vision_names else 1.0
+        expected = q.detach() - scale * q.grad
+        assert q.grad.abs().max() > 0, name
+        torch.testing.assert_close(p.detach(), expected, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_split_vision_param_groups_keeps_every_parameter_once_and_checks_its_input(recipe, processor):
+    model = _model(recipe, processor)
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    rest = [p for n, p in model.named_parameters() if not n.endswith("weight")]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=2e-3
+    )
+    split_vision_param_groups(model, optimizer, 0.5)
+    seen = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        vision = {is_vision_parameter(by_id[id(p)]) for p in group["params"]}
+        assert len(vision) == 1  # no group mixes the two paths
+        assert group["lr"] == pytest.approx(1e-3 if vision.pop() else 2e-3)
+    assert {g["weight_decay"] for g in optimizer.param_groups} == {0.1, 0.0}
+    with pytest.raises(ValueError, match="must be positive"):
+        split_vision_param_groups(model, optimizer, 0.0)
+    parse = build_parser().parse_args
+    assert _recipe_from_args(parse(["--vision-lr-scale", "0.3"])).vision_lr_scale == 0.3
+    assert _recipe_from_args(parse(["--no-projector-layernorm"])).projector_layernorm is False
+    assert _recipe_from_args(parse([])).projector_layernorm is True  # the recipe's default stands
 
 
 class _StopAt(TrainerCallback):

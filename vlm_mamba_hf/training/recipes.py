@@ -112,6 +112,8 @@ class Recipe:
     batch_size: int = 32
     grad_accum: int = 1
     learning_rate: float = 1.5e-3
+    # Learning rate of the image path (patch embedding, position embedding, bridger) relative to the rest
+    vision_lr_scale: float = 1.0
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05
     lr_scheduler_type: str = "cosine"

@@ -146,6 +146,37 @@ class TimeBudgetCallback(TrainerCallback):
         return control
 
 
+VISION_PARAMETER_PREFIXES = ("vision_tower.", "multi_modal_projector.")
+
+
+def is_vision_parameter(name: str) -> bool:
+    """Whether a parameter (by its name, with any wrapper prefix) belongs to the image path: the vision tower
+    (Fuyu patch projection or VisionMamba encoder, position embedding) or the bridger."""
+    return any(prefix in name for prefix in VISION_PARAMETER_PREFIXES)
+
+
+def split_vision_param_groups(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scale: float) -> None:
+    """Move the image path's parameters of every param group into a copy of that group whose learning rate is
+    `scale` times the group's. Call before the optimizer has taken a step and before the scheduler exists
+    (the scheduler records each group's starting learning rate)."""
+    if scale <= 0:
+        raise ValueError(f"vision_lr_scale must be positive, got {scale}.")
+    if any(optimizer.state.values()):
+        raise RuntimeError("split_vision_param_groups must run before the optimizer's first step.")
+    vision = {id(p) for name, p in model.named_parameters() if is_vision_parameter(name)}
+    added = []
+    for group in optimizer.param_groups:
+        moved = [p for p in group["params"] if id(p) in vision]
+        if not moved:
+            continue
+        group["params"] = [p for p in group["params"] if id(p) not in vision]
+        added.append(
+            {**{k: v for k, v in group.items() if k != "params"}, "params": moved, "lr": group["lr"] * scale}
+        )
+    for group in added:
+        optimizer.add_param_group(group)
+
+
 class VLMambaTrainer(Trainer):
     """Trainer with a config check on resume, no weight decay on A_log/D/norms/biases, and a time-aware schedule.
 
@@ -173,6 +204,16 @@ class VLMambaTrainer(Trainer):
             and "pos_embed" not in name
             and not name.endswith("bias")
         ]
+
+    #: Learning-rate multiplier for the image path (vision tower and bridger); `main` sets it from the recipe.
+    vision_lr_scale: float = 1.0
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.vision_lr_scale != 1.0 and not getattr(self, "_vision_groups_made", False):
+            split_vision_param_groups(self.model if model is None else model, optimizer, self.vision_lr_scale)
+            self._vision_groups_made = True
+        return optimizer
 
     def _time_budget(self) -> TimeBudgetCallback | None:
         return next((c for c in self.callback_handler.callbacks if isinstance(c, TimeBudgetCallback)), None)
@@ -363,6 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=None, help="per process")
     parser.add_argument("--grad-accum", type=int, default=None)
     parser.add_argument("--learning-rate", type=float, default=None)
+    parser.add_argument(
+        "--vision-lr-scale",
+        type=float,
+        default=None,
+        help="learning rate of the image path (patch/position embedding, bridger) relative to --learning-rate",
+    )
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--save-steps", type=int, default=None)
     parser.add_argument("--logging-steps", type=int, default=None)
@@ -377,6 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--projector-expansion", type=int, default=None)
+    parser.add_argument(
+        "--projector-layernorm",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="LayerNorm on the patch features before the bridger (the recipe's default: on)",
+    )
     parser.add_argument("--state-size", type=int, default=None)
     parser.add_argument("--ssm-layer", choices=("mamba1", "mamba2"), default=None)
     parser.add_argument("--head-dim", type=int, default=None)
@@ -413,6 +466,7 @@ def _recipe_from_args(args: argparse.Namespace) -> Recipe:
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
         learning_rate=args.learning_rate,
+        vision_lr_scale=args.vision_lr_scale,
         seed=args.seed,
         save_steps=args.save_steps,
         logging_steps=args.logging_steps,
@@ -425,6 +479,7 @@ def _recipe_from_args(args: argparse.Namespace) -> Recipe:
         patch_stride=args.patch_stride,
         image_size=args.image_size,
         projector_expansion=args.projector_expansion,
+        projector_layernorm=args.projector_layernorm,
         state_size=args.state_size,
         ssm_layer=args.ssm_layer,
         head_dim=args.head_dim,
@@ -496,6 +551,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         callbacks=callbacks,
         processing_class=processor,
     )
+    trainer.vision_lr_scale = recipe.vision_lr_scale
     resume = args.resume_from_checkpoint
     if resume == "last":
         resume = True
