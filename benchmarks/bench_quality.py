@@ -190,6 +190,7 @@ def train_and_evaluate(
         train_dataset=dataset,
         data_collator=collator,
         callbacks=[budget] if budget else [],
+        vision_lr_scale=recipe.vision_lr_scale,
     )
     start = time.perf_counter()
     output = trainer.train()

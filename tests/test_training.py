@@ -260,9 +260,12 @@ def test_vision_lr_scale_scales_only_the_image_path(recipe, processor, tmp_path)
         train_sampling_strategy="sequential",
     )
     trainer = VLMambaTrainer(
-        model=model, args=args, train_dataset=ExampleList(examples), data_collator=collator
+        model=model,
+        args=args,
+        train_dataset=ExampleList(examples),
+        data_collator=collator,
+        vision_lr_scale=0.25,
     )
-    trainer.vision_lr_scale = 0.25
     trainer.train()
 
     reference(**collator(examples)).loss.backward()
@@ -296,6 +299,8 @@ def test_split_vision_param_groups_keeps_every_parameter_once_and_checks_its_inp
     assert {g["weight_decay"] for g in optimizer.param_groups} == {0.1, 0.0}
     with pytest.raises(ValueError, match="must be positive"):
         split_vision_param_groups(model, optimizer, 0.0)
+    with pytest.raises(ValueError, match="must be positive"):
+        VLMambaTrainer(model=model, args=None, vision_lr_scale=-1.0)
     parse = build_parser().parse_args
     assert _recipe_from_args(parse(["--vision-lr-scale", "0.3"])).vision_lr_scale == 0.3
     assert _recipe_from_args(parse(["--no-projector-layernorm"])).projector_layernorm is False

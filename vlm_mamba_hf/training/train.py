@@ -205,8 +205,13 @@ class VLMambaTrainer(Trainer):
             and not name.endswith("bias")
         ]
 
-    #: Learning-rate multiplier for the image path (vision tower and bridger); `main` sets it from the recipe.
-    vision_lr_scale: float = 1.0
+    def __init__(self, *args, vision_lr_scale: float = 1.0, **kwargs):
+        """`vision_lr_scale`: learning-rate multiplier for the image path (vision tower and bridger), as
+        separate optimizer groups (`split_vision_param_groups`); the recipes pass `Recipe.vision_lr_scale`."""
+        if vision_lr_scale <= 0:
+            raise ValueError(f"vision_lr_scale must be positive, got {vision_lr_scale}.")
+        super().__init__(*args, **kwargs)
+        self.vision_lr_scale = vision_lr_scale
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
@@ -550,8 +555,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         data_collator=collator,
         callbacks=callbacks,
         processing_class=processor,
+        vision_lr_scale=recipe.vision_lr_scale,
     )
-    trainer.vision_lr_scale = recipe.vision_lr_scale
     resume = args.resume_from_checkpoint
     if resume == "last":
         resume = True
