@@ -53,7 +53,12 @@ from vlm_mamba_hf.training.recipes import (
     build_train_dataset,
     get_recipe,
 )
-from vlm_mamba_hf.training.train import TimeBudgetCallback, VLMambaTrainer, training_arguments
+from vlm_mamba_hf.training.train import (
+    TimeBudgetCallback,
+    VLMambaTrainer,
+    run_focus_stage,
+    training_arguments,
+)
 
 from .common import RESULTS_DIR, machine_info
 
@@ -182,8 +187,11 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """The recipe's Trainer run (same args, collator, data, budget) and the shared evaluation."""
     collator = VLMambaDataCollator(processor, max_length=recipe.max_length)
+    focus = run_focus_stage(recipe, model, collator, output_dir / name, disable_tqdm=not progress)
     args = training_arguments(recipe, str(output_dir / name), save_strategy="no", disable_tqdm=not progress)
-    budget = TimeBudgetCallback(recipe.time_budget_s) if recipe.time_budget_s else None
+    budget = None
+    if recipe.time_budget_s:
+        budget = TimeBudgetCallback(max(0.0, recipe.time_budget_s - focus["seconds"]))
     trainer = VLMambaTrainer(
         model=model,
         args=args,
@@ -205,6 +213,7 @@ def train_and_evaluate(
         progress=progress,
     )
     return {
+        "focus_stage": focus,
         "train_steps": steps,
         "train_seconds": seconds,
         "train_examples_per_second": steps * recipe.batch_size * recipe.grad_accum / seconds,

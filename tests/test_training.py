@@ -16,10 +16,12 @@ from vlm_mamba_hf.modeling_vlm_mamba import VLMambaForConditionalGeneration
 from vlm_mamba_hf.training.collator import IGNORE_INDEX, VLMambaDataCollator, format_prompt
 from vlm_mamba_hf.training.recipes import (
     ExampleList,
+    build_focus_dataset,
     build_model_config,
     build_processor,
     build_train_dataset,
     easy_vqa_chats,
+    focus_recipe,
     get_recipe,
 )
 from vlm_mamba_hf.training.train import (
@@ -29,6 +31,7 @@ from vlm_mamba_hf.training.train import (
     check_resume_compatible,
     cpu_supports_bf16,
     is_vision_parameter,
+    run_focus_stage,
     split_vision_param_groups,
     training_arguments,
 )
@@ -197,6 +200,52 @@ def test_easy_vqa_answer_types_from_the_command_line_and_bad_values():
 # ----------------------------------------------------------------------------------------------------------
 # Trainer
 # ----------------------------------------------------------------------------------------------------------
+
+
+def test_focus_stage_data_and_recipe(recipe):
+    focused = recipe.replace(focus_steps=3, focus_answer_types=("shape",), focus_learning_rate=2e-3)
+    stage = focus_recipe(focused)
+    assert (stage.max_steps, stage.learning_rate, stage.turns, stage.time_budget_s) == (3, 2e-3, 1, None)
+    chats = build_focus_dataset(focused).examples
+    assert chats and all(len(chat["messages"]) == 2 for chat in chats)  # one question per chat
+    assert sorted(_answers(chats)) == sorted(
+        _answers(easy_vqa_chats(recipe.replace(easy_vqa_answer_types=("shape",))))
+    )
+    assert set(_answers(chats)) <= {"circle", "rectangle", "triangle"}
+    with pytest.raises(ValueError, match="focus_steps must be >= 0"):
+        focus_recipe(recipe.replace(focus_steps=-1))
+    assert _recipe_from_args(build_parser().parse_args(["--focus-steps", "0"])).focus_steps == 0
+
+
+def test_focus_stage_trains_the_model_in_place_and_zero_steps_leave_it(recipe, processor, tmp_path):
+    model = _model(recipe, processor)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    collator = VLMambaDataCollator(processor)
+    assert run_focus_stage(recipe.replace(focus_steps=0), model, collator, tmp_path) == {
+        "steps": 0,
+        "seconds": 0.0,
+    }
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    focus = run_focus_stage(
+        recipe.replace(focus_steps=2, batch_size=4), model, collator, tmp_path, disable_tqdm=True
+    )
+    assert focus["steps"] == 2 and focus["seconds"] > 0 and focus["answer_types"] == ["shape"]
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert any("vision_tower" in n for n in moved) and any("language_model" in n for n in moved)
+    assert not (tmp_path / "focus" / "checkpoint-2").exists()  # the stage saves no checkpoints
+
+
+def test_train_command_runs_the_focus_stage_before_the_mixture(tmp_path):
+    from vlm_mamba_hf.training.train import main
+
+    summary = main(
+        ["--recipe", "tiny", "--focus-steps", "2", "--max-steps", "3", "--easy-vqa-limit", "120",
+         "--shapes-train-scenes", "20", "--output-dir", str(tmp_path), "--no-eval", "--no-progress"]
+    )  # fmt: skip
+    assert summary["focus_stage"]["steps"] == 2 and summary["steps"] == 3
+    saved = json.loads((tmp_path / "final" / "training_summary.json").read_text())
+    assert saved["focus_stage"]["steps"] == 2
+    assert "focus stage of 2 steps" in (tmp_path / "final" / "README.md").read_text()
 
 
 def _args(tmp_path, recipe, **overrides):

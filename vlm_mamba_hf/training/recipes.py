@@ -108,6 +108,13 @@ class Recipe:
     shapes_train_scenes: int = 8000
     turns: int = 3
     max_length: int = 192
+    # Focus stage: before the mixture, `focus_steps` steps on the easy-VQA questions whose answers are of
+    # `focus_answer_types` alone (chats of `focus_turns` turns, `focus_learning_rate` with its own warmup and
+    # cosine decay); the mixture then gets what is left of the time budget. 0 steps: no focus stage.
+    focus_steps: int = 0
+    focus_answer_types: tuple[str, ...] = ("shape",)
+    focus_turns: int = 1
+    focus_learning_rate: float = 3e-3
     # Optimisation
     batch_size: int = 32
     grad_accum: int = 1
@@ -238,6 +245,26 @@ def shapes_examples(recipe: Recipe, split: str = "train", n: int | None = None) 
         rng.shuffle(qa)
         examples.append(_chat(scene["image"], qa[: recipe.turns]))
     return examples
+
+
+def focus_recipe(recipe: Recipe) -> Recipe:
+    """The recipe of the focus stage: its question types, turns, steps and learning rate, no time budget."""
+    if recipe.focus_steps < 0:
+        raise ValueError(f"focus_steps must be >= 0, got {recipe.focus_steps}.")
+    return dataclasses.replace(
+        recipe,
+        easy_vqa_answer_types=recipe.focus_answer_types,
+        turns=recipe.focus_turns,
+        max_steps=recipe.focus_steps,
+        learning_rate=recipe.focus_learning_rate,
+        time_budget_s=None,
+        focus_steps=0,
+    )
+
+
+def build_focus_dataset(recipe: Recipe) -> ExampleList:
+    """The focus stage's examples: easy-VQA chats of the recipe's focus question types only."""
+    return ExampleList(easy_vqa_chats(focus_recipe(recipe)))
 
 
 def build_train_dataset(recipe: Recipe) -> ExampleList:

@@ -35,7 +35,15 @@ from ..configuration_vlm_mamba import VLMambaConfig
 from ..data.easy_vqa import EASY_VQA_ANSWER_TYPES
 from ..modeling_vlm_mamba import VLMambaForConditionalGeneration
 from .collator import VLMambaDataCollator
-from .recipes import Recipe, build_model_config, build_processor, build_train_dataset, get_recipe
+from .recipes import (
+    Recipe,
+    build_focus_dataset,
+    build_model_config,
+    build_processor,
+    build_train_dataset,
+    focus_recipe,
+    get_recipe,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -239,6 +247,44 @@ class VLMambaTrainer(Trainer):
         return self.lr_scheduler
 
 
+def run_focus_stage(
+    recipe: Recipe, model: torch.nn.Module, collator, output_dir: str | os.PathLike, **argument_overrides: Any
+) -> dict[str, Any]:
+    """Train `model` in place through the recipe's focus stage; nothing when `recipe.focus_steps` is 0.
+
+    The stage is a Trainer run of its own (`focus_recipe`: the focus question types, turns, steps and learning
+    rate, warmup and cosine over its steps, the whole image path at the full rate) that saves no checkpoints.
+    Returns its steps, seconds (rank 0's, the same on every rank), training loss and number of examples.
+    """
+    if not recipe.focus_steps:
+        return {"steps": 0, "seconds": 0.0}
+    stage = focus_recipe(recipe)
+    dataset = build_focus_dataset(recipe)
+    args = training_arguments(
+        stage, str(Path(output_dir) / "focus"), **{**argument_overrides, "save_strategy": "no"}
+    )
+    trainer = VLMambaTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    start = time.perf_counter()
+    output = trainer.train()
+    seconds = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.broadcast(seconds, src=0)  # every rank must give the mixture the same budget
+    logger.info(
+        "Focus stage: %d steps on easy-VQA %s questions in %.0f s (loss %.4f).",
+        trainer.state.global_step,
+        "/".join(recipe.focus_answer_types),
+        float(seconds),
+        output.training_loss,
+    )
+    return {
+        "steps": trainer.state.global_step,
+        "seconds": float(seconds),
+        "train_loss": output.training_loss,
+        "examples": len(dataset),
+        "answer_types": list(recipe.focus_answer_types),
+    }
+
+
 def training_arguments(recipe: Recipe, output_dir: str, **overrides: Any) -> TrainingArguments:
     """TrainingArguments for a recipe: CPU-friendly defaults, `remove_unused_columns=False` for the collator."""
     on_cpu = not torch.cuda.is_available() or overrides.pop("use_cpu", False)
@@ -307,12 +353,23 @@ def model_card_sections(summary: dict[str, Any]) -> dict[str, str]:
     """Title, summary, sources and evaluation text of the card, from a training summary."""
     recipe = summary["recipe"]
     evaluation = summary.get("eval")
+    focus = summary.get("focus_stage") or {}
+    focus_text = ""
+    if focus.get("steps"):
+        focus_text = (
+            f"First a focus stage of {focus['steps']} steps ({focus['seconds'] / 60:.1f} min, lr "
+            f"{recipe['focus_learning_rate']}) on the easy-VQA {'/'.join(focus['answer_types'])} questions alone, "
+            f"one question per chat; then the mixture below. "
+        )
+    vision_lr = ""
+    if recipe.get("vision_lr_scale", 1.0) != 1.0:
+        vision_lr = f" ({recipe['vision_lr_scale']}x for the patch embedding and the bridger)"
     sources = (
         f"Trained from scratch with `vlm-mamba train --recipe {recipe['name']}` (transformers `Trainer`, AdamW, "
-        f"lr {recipe['learning_rate']}, {recipe['lr_scheduler_type']} schedule, batch {recipe['batch_size']} x "
-        f"{recipe['grad_accum']} x {summary['world_size']} process(es)) for {summary['steps']} steps "
-        f"({summary['train_seconds'] / 60:.1f} min, {summary['examples_per_second']:.1f} sequences/s) on "
-        f"{summary.get('machine', 'CPU')}.\n\n"
+        f"lr {recipe['learning_rate']}{vision_lr}, {recipe['lr_scheduler_type']} schedule, batch "
+        f"{recipe['batch_size']} x {recipe['grad_accum']} x {summary['world_size']} process(es)). {focus_text}"
+        f"The mixture: {summary['steps']} steps ({summary['train_seconds'] / 60:.1f} min, "
+        f"{summary['examples_per_second']:.1f} sequences/s) on {summary.get('machine', 'CPU')}.\n\n"
         "Data: the easy-VQA train split (4,000 images, 38,575 questions; the questions of each image grouped "
         f"into chats of up to {recipe['turns']} turns), and {recipe['shapes_train_scenes']} procedural shape scenes "
         "(`vlm_mamba_hf.data.shapes`, train split: 1-3 coloured circles, squares and triangles on a 3x3 grid) "
@@ -448,6 +505,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="train only on easy-VQA questions with these answer types (default: all)",
     )
     parser.add_argument("--turns", type=int, default=None)
+    parser.add_argument(
+        "--focus-steps",
+        type=int,
+        default=None,
+        help="steps on easy-VQA shape questions alone before the mixture (0: none; within the time budget)",
+    )
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU: only with native bf16)")
     parser.add_argument(
@@ -492,6 +555,7 @@ def _recipe_from_args(args: argparse.Namespace) -> Recipe:
         easy_vqa_limit=args.easy_vqa_limit,
         easy_vqa_answer_types=tuple(args.easy_vqa_answer_types) if args.easy_vqa_answer_types else None,
         turns=args.turns,
+        focus_steps=args.focus_steps,
         eval_vqa_limit=args.eval_vqa_limit,
         eval_caption_scenes=args.eval_caption_scenes,
     )
@@ -544,8 +608,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         overrides["fsdp"] = args.fsdp
         overrides["fsdp_config"] = {"transformer_layer_cls_to_wrap": list(model._no_split_modules)}
     training_args = training_arguments(recipe, args.output_dir, **overrides)
+    focus: dict[str, Any] = {"steps": 0, "seconds": 0.0}
+    if recipe.focus_steps and args.resume_from_checkpoint:
+        logger.info("Resuming: the focus stage is skipped (the checkpoint already holds its result).")
+    elif recipe.focus_steps and args.fsdp:
+        logger.warning("--fsdp: the focus stage is skipped (pass --focus-steps 0 to silence this).")
+    else:
+        focus = run_focus_stage(recipe, model, collator, args.output_dir, **overrides)
     callbacks = []
-    budget = TimeBudgetCallback(recipe.time_budget_s) if recipe.time_budget_s else None
+    budget = None
+    if recipe.time_budget_s:
+        # One budget for both stages: the mixture gets what the focus stage left.
+        budget = TimeBudgetCallback(max(0.0, recipe.time_budget_s - focus["seconds"]))
     if budget is not None:
         callbacks.append(budget)
     trainer = VLMambaTrainer(
@@ -582,6 +656,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "vocab_size": len(processor.tokenizer),
         "machine": _machine(),
         "train_examples": len(train_dataset),
+        "focus_stage": focus,
     }
     logger.info("Collator: %s", collator.stats)
     if args.log_history and trainer.is_world_process_zero():
