@@ -278,8 +278,11 @@ def side_by_side_throughput(
 def _row(name: str, run: dict[str, Any]) -> str:
     ev = run["eval"]
     held, test = ev["shapes_heldout_captions"], ev["shapes_test_captions"]
+    focus = run.get("focus_stage") or {"steps": 0, "seconds": 0.0}
+    steps = f"{focus['steps']} + {run['train_steps']}" if focus["steps"] else f"{run['train_steps']}"
+    minutes = (focus["seconds"] + run["train_seconds"]) / 60
     return (
-        f"| {name} | {run['parameters']['total'] / 1e6:.2f}M | {run['train_steps']} | {run['train_seconds'] / 60:.1f} | "
+        f"| {name} | {run['parameters']['total'] / 1e6:.2f}M | {steps} | {minutes:.1f} | "
         f"{ev['easy_vqa_test']['accuracy']:.1%} | {held['exact_match']:.1%} | {held['bleu4']:.3f} | "
         f"{held['cider_d']:.2f} | {test['exact_match']:.1%} | {test['bleu4']:.3f} | {test['cider_d']:.2f} |"
     )
@@ -287,7 +290,7 @@ def _row(name: str, run: dict[str, Any]) -> str:
 
 def markdown_table(result: dict[str, Any]) -> str:
     lines = [
-        "| model | params | steps | train min | easy-VQA acc | held-out EM | held-out BLEU-4 | held-out CIDEr-D "
+        "| model | params | steps (focus + mixture) | train min | easy-VQA acc | held-out EM | held-out BLEU-4 | held-out CIDEr-D "
         "| test EM | test BLEU-4 | test CIDEr-D |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -361,15 +364,18 @@ def main() -> None:
             "stopped_by_time_budget": summary["stopped_by_time_budget"],
             "train_loss": summary["train_loss"],
             "final_logged_loss": summary["final_logged_loss"],
+            "focus_stage": summary.get("focus_stage", {"steps": 0, "seconds": 0.0}),
             "eval": summary["eval"],
             "source": f"the default model's training run ({args.vlmamba_summary})",
         }
-        same = {k: v for k, v in summary["recipe"].items() if recipe.to_dict().get(k) != v}
-        runs["vlmamba"]["recipe_differences"] = same
+        ours = json.loads(json.dumps(recipe.to_dict()))  # as the summary stores it: tuples are lists
+        runs["vlmamba"]["recipe_differences"] = {
+            k: v for k, v in summary["recipe"].items() if ours.get(k) != v
+        }
     runs["vlmamba"]["parameters"] = parts
     if args.reuse_llava:
         earlier = json.loads(Path(args.reuse_llava).read_text())
-        if earlier["recipe"] != recipe.to_dict():
+        if earlier["recipe"] != json.loads(json.dumps(recipe.to_dict())):
             raise SystemExit(f"--reuse-llava: {args.reuse_llava} was run with another recipe.")
         runs["llava"] = earlier["runs"]["llava"]
         runs["llava"]["source"] = f"reused from {args.reuse_llava} ({earlier.get('date', 'earlier run')})"
