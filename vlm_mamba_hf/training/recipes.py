@@ -58,13 +58,13 @@ Why the default model looks the way it does (measured on the 2-core CPU of this 
       no focus stage, image path at 0.1x (`--vision-lr-scale 0.1`):   88.1% / 39.2% (shape 62%)
       no focus stage, image path at 0.33x:                            86.1% / 30.0% (shape 45%)
       no focus stage, no bridger LayerNorm (`--no-projector-layernorm`): 84.2% / 21.0% (shape 45%)
-    The shipped model (focus stage, then the mixture at the full rate, 27-minute budget, `vlm-mamba train
-    --recipe default --threads 1`, beside the LLaVA run of `benchmarks/bench_quality.py`): easy-VQA 95.6%,
-    test-caption exact match 47.8% (per type on 3,000 test questions: shape 94.8%, yes/no 95.5%, colour
-    95.5%). Once learned alone, shapes survive the mixture at the full learning rate. Caption exact match is lower
-    than without the focus stage (45.8%): part of it is fewer mixture steps (those runs shared the machine
-    with the test suite as well), part of it is that a lower rate for the image path slows colours and
-    positions, which captions need. A run-to-run spread of a few points is normal for these runs.
+    Once learned alone, shapes survive the mixture at the full learning rate. In these probes caption exact
+    match fell (45.8% without the focus stage): they had fewer mixture steps (they also shared the machine
+    with the test suite), and a lower rate for the image path slows colours and positions, which captions
+    need. The shipped model (focus stage, then the mixture at the full rate; 27-minute budget, `vlm-mamba
+    train --recipe default --threads 1` beside the LLaVA run of `benchmarks/bench_quality.py`; 3,778 mixture
+    steps): easy-VQA 95.6%, test-caption exact match 47.8% (per type on 3,000 test questions: shape 94.8%,
+    yes/no 95.5%, colour 95.5%). A run-to-run spread of a few points is normal for these runs.
 
 What limits easy-VQA accuracy (probes of 500-1,000 steps at one thread; the 3e-3 model, before the focus stage):
   - Underfitting, not overfitting: 84.0% on 3,000 train questions against 83.0% on 3,000 test ones. Shapes

@@ -363,7 +363,9 @@ def model_card_sections(summary: dict[str, Any]) -> dict[str, str]:
         )
     vision_lr = ""
     if recipe.get("vision_lr_scale", 1.0) != 1.0:
-        vision_lr = f" ({recipe['vision_lr_scale']}x for the patch embedding and the bridger)"
+        vision_lr = (
+            f" ({recipe['vision_lr_scale']}x for the image path: patch and position embedding, bridger)"
+        )
     sources = (
         f"Trained from scratch with `vlm-mamba train --recipe {recipe['name']}` (transformers `Trainer`, AdamW, "
         f"lr {recipe['learning_rate']}{vision_lr}, {recipe['lr_scheduler_type']} schedule, batch "
@@ -509,7 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--focus-steps",
         type=int,
         default=None,
-        help="steps on easy-VQA shape questions alone before the mixture (0: none; within the time budget)",
+        help="steps on easy-VQA questions of the recipe's focus types (shape) alone before the mixture, "
+        "within the time budget (default recipe: 500; 0: no focus stage)",
     )
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU: only with native bf16)")
