@@ -49,12 +49,13 @@ Why the default model looks the way it does (measured on the 2-core CPU of this 
 
   - The focus stage: without it, shape questions stalled in the mixture (57.5% for the 1.5e-3 model, circle
     against rectangle at chance, below) although 500 steps of shape questions alone learn them (97%). Full
-    24-minute budget, one thread, two runs side by side (`runs/probes/staged.py`: the focus stage, then the
-    mixture with the rest of the budget), easy-VQA / test-caption exact match (per type: 1,500 test questions):
+    24-minute budget, one thread, two runs side by side, easy-VQA / test-caption exact match (per type: 1,500
+    test questions). The focus runs were a probe script doing what `vlm-mamba train --recipe default
+    --time-budget 1440 [--vision-lr-scale 0.1]` does now (the focus stage always runs at the full rate):
       focus 500 steps, then the mixture:                              94.3% / 26.4% (shape 95%, yes/no 94%,
                                                                       colour 98%; 2,544 mixture steps)
       the same, image path at 0.1x the learning rate in the mixture: 93.1% / 19.4% (shape 96%)
-      the same, 0.1x except the position embedding:                   92.7% / 14.2% (shape 95%)
+      the same, 0.1x except the position embedding (a probe patch):   92.7% / 14.2% (shape 95%)
       no focus stage, image path at 0.1x (`--vision-lr-scale 0.1`):   88.1% / 39.2% (shape 62%)
       no focus stage, image path at 0.33x:                            86.1% / 30.0% (shape 45%)
       no focus stage, no bridger LayerNorm (`--no-projector-layernorm`): 84.2% / 21.0% (shape 45%)
