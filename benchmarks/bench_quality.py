@@ -54,8 +54,8 @@ from vlm_mamba_hf.training.recipes import (
     get_recipe,
 )
 from vlm_mamba_hf.training.train import (
-    TimeBudgetCallback,
     VLMambaTrainer,
+    mixture_time_budget,
     run_focus_stage,
     training_arguments,
 )
@@ -189,9 +189,7 @@ def train_and_evaluate(
     collator = VLMambaDataCollator(processor, max_length=recipe.max_length)
     focus = run_focus_stage(recipe, model, collator, output_dir / name, disable_tqdm=not progress)
     args = training_arguments(recipe, str(output_dir / name), save_strategy="no", disable_tqdm=not progress)
-    budget = None
-    if recipe.time_budget_s:
-        budget = TimeBudgetCallback(max(0.0, recipe.time_budget_s - focus["seconds"]))
+    budget = mixture_time_budget(recipe, focus)
     trainer = VLMambaTrainer(
         model=model,
         args=args,

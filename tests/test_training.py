@@ -31,6 +31,7 @@ from vlm_mamba_hf.training.train import (
     check_resume_compatible,
     cpu_supports_bf16,
     is_vision_parameter,
+    mixture_time_budget,
     run_focus_stage,
     split_vision_param_groups,
     training_arguments,
@@ -233,6 +234,13 @@ def test_focus_stage_trains_the_model_in_place_and_zero_steps_leave_it(recipe, p
     moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert any("vision_tower" in n for n in moved) and any("language_model" in n for n in moved)
     assert not (tmp_path / "focus" / "checkpoint-2").exists()  # the stage saves no checkpoints
+
+
+def test_the_mixture_gets_what_the_focus_stage_left_of_the_budget(recipe):
+    timed = recipe.replace(time_budget_s=100.0)
+    assert mixture_time_budget(timed, {"steps": 5, "seconds": 30.0}).budget_s == 70.0
+    assert mixture_time_budget(timed, {"steps": 5, "seconds": 130.0}).budget_s == 0.0
+    assert mixture_time_budget(recipe, {"steps": 5, "seconds": 30.0}) is None  # the tiny recipe has no budget
 
 
 def test_train_command_runs_the_focus_stage_before_the_mixture(tmp_path):

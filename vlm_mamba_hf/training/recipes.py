@@ -4,7 +4,7 @@ The "default" recipe trains the built-in default model (`vlm_mamba_hf/default_mo
 under 30 minutes (a 27-minute training budget, then about a minute of evaluation): a focus stage on easy-VQA
 shape questions, then easy-VQA train questions mixed with captions and questions of procedural shape scenes.
 
-Focus stage (`focus_steps` 500 at `focus_learning_rate` 3e-3, about 3 minutes of the budget): the easy-VQA
+Focus stage (`focus_steps` 500 at `focus_learning_rate` 3e-3, about 2.5 minutes of the budget): the easy-VQA
 questions whose answer is a shape ("what shape is in the image?"), one question per chat, with their own warmup
 and cosine decay. Then the mixture gets what is left of the budget.
 
@@ -41,11 +41,11 @@ Why the default model looks the way it does (measured on the 2-core CPU of this 
     patch width 256 83.2% / 22.0% (3,135 steps). The spread between such runs shows how noisy one run is.
     (Until the learning-rate change below, all of these runs used 3e-3.)
   - Learning rate 1.5e-3: over the full budget, two runs side by side, 1.5e-3 gave easy-VQA 86.3% and
-    test-caption exact match 45.8% (3,533 steps; the shipped model), 1e-3 gave 82.8% / 27.6%, against
+    test-caption exact match 45.8% (3,533 steps; the model shipped before the focus stage), 1e-3 gave 82.8% / 27.6%, against
     83.5% / 36.2% for the earlier 3e-3. In 600-step probes on easy-VQA shape and colour questions only
     (`--easy-vqa-answer-types shape colour --shapes-train-scenes 0 --turns 3 --max-steps 600`), 3e-3 learned
     colours (99%) but not shapes (65%); 1e-3 learned both (100% / 90%); 3e-3 with the bridger's LayerNorm
-    removed (a probe patch; the recipe has no flag for it) 100% / 80%.
+    removed (a probe patch then; now `--no-projector-layernorm`) 100% / 80%.
 
   - The focus stage: without it, shape questions stalled in the mixture (57.5% for the 1.5e-3 model, circle
     against rectangle at chance, below) although 500 steps of shape questions alone learn them (97%). Full

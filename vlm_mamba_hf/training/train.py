@@ -163,12 +163,16 @@ def is_vision_parameter(name: str) -> bool:
     return any(prefix in name for prefix in VISION_PARAMETER_PREFIXES)
 
 
+def _check_vision_lr_scale(scale: float) -> None:
+    if scale <= 0:
+        raise ValueError(f"vision_lr_scale must be positive, got {scale}.")
+
+
 def split_vision_param_groups(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scale: float) -> None:
     """Move the image path's parameters of every param group into a copy of that group whose learning rate is
     `scale` times the group's. Call before the optimizer has taken a step and before the scheduler exists
     (the scheduler records each group's starting learning rate)."""
-    if scale <= 0:
-        raise ValueError(f"vision_lr_scale must be positive, got {scale}.")
+    _check_vision_lr_scale(scale)
     if any(optimizer.state.values()):
         raise RuntimeError("split_vision_param_groups must run before the optimizer's first step.")
     vision = {id(p) for name, p in model.named_parameters() if is_vision_parameter(name)}
@@ -216,8 +220,7 @@ class VLMambaTrainer(Trainer):
     def __init__(self, *args, vision_lr_scale: float = 1.0, **kwargs):
         """`vision_lr_scale`: learning-rate multiplier for the image path (vision tower and bridger), as
         separate optimizer groups (`split_vision_param_groups`); the recipes pass `Recipe.vision_lr_scale`."""
-        if vision_lr_scale <= 0:
-            raise ValueError(f"vision_lr_scale must be positive, got {vision_lr_scale}.")
+        _check_vision_lr_scale(vision_lr_scale)  # at construction, not at the first step
         super().__init__(*args, **kwargs)
         self.vision_lr_scale = vision_lr_scale
 
@@ -283,6 +286,14 @@ def run_focus_stage(
         "examples": len(dataset),
         "answer_types": list(recipe.focus_answer_types),
     }
+
+
+def mixture_time_budget(recipe: Recipe, focus: dict[str, Any]) -> TimeBudgetCallback | None:
+    """The time budget callback of the mixture stage: one budget for both stages, so the mixture gets what
+    the focus stage (`run_focus_stage`'s result) left; None without a budget."""
+    if not recipe.time_budget_s:
+        return None
+    return TimeBudgetCallback(max(0.0, recipe.time_budget_s - focus["seconds"]))
 
 
 def training_arguments(recipe: Recipe, output_dir: str, **overrides: Any) -> TrainingArguments:
@@ -611,20 +622,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         overrides["fsdp"] = args.fsdp
         overrides["fsdp_config"] = {"transformer_layer_cls_to_wrap": list(model._no_split_modules)}
     training_args = training_arguments(recipe, args.output_dir, **overrides)
-    focus: dict[str, Any] = {"steps": 0, "seconds": 0.0}
+    for_focus = recipe
     if recipe.focus_steps and args.resume_from_checkpoint:
         logger.info("Resuming: the focus stage is skipped (the checkpoint already holds its result).")
+        for_focus = recipe.replace(focus_steps=0)
     elif recipe.focus_steps and args.fsdp:
         logger.warning("--fsdp: the focus stage is skipped (pass --focus-steps 0 to silence this).")
-    else:
-        focus = run_focus_stage(recipe, model, collator, args.output_dir, **overrides)
-    callbacks = []
-    budget = None
-    if recipe.time_budget_s:
-        # One budget for both stages: the mixture gets what the focus stage left.
-        budget = TimeBudgetCallback(max(0.0, recipe.time_budget_s - focus["seconds"]))
-    if budget is not None:
-        callbacks.append(budget)
+        for_focus = recipe.replace(focus_steps=0)
+    focus = run_focus_stage(for_focus, model, collator, args.output_dir, **overrides)
+    budget = mixture_time_budget(recipe, focus)
+    callbacks = [budget] if budget is not None else []
     trainer = VLMambaTrainer(
         model=model,
         args=training_args,
