@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vlm_mamba_hf import ops_ssd, ssm_ops
+from vlm_mamba_hf import cpu_kernels, ops_ssd, ssm_ops
 from vlm_mamba_hf.ops_ssd import causal_conv1d_rows, ssd_chunked, ssd_scan, ssd_scan_ref, ssd_state_update
 from vlm_mamba_hf.ssm_ops import causal_conv1d_ref
 
@@ -157,9 +157,11 @@ def test_chunked_ssd_leaves_its_inputs_unchanged(length):
         assert torch.equal(value, before[key]), key
 
 
+@pytest.mark.parametrize("fused", [False, True])  # the PyTorch path, and the fused CPU kernel when it builds
 @pytest.mark.parametrize("k", [1, 2, 4])
 @pytest.mark.parametrize("length", [1, 2, 9])  # shorter than the left context, and longer
-def test_channels_last_conv_matches_reference_values_and_gradients(k, length):
+def test_channels_last_conv_matches_reference_values_and_gradients(k, length, fused, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_enabled_override", fused)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, length, 6, generator=gen, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(6, k, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -184,6 +186,7 @@ def test_cpu_dispatch_picks_its_own_chunk_length_without_changing_the_result(mon
         return real(x, dt, A, B, C, chunk_size, *args)
 
     monkeypatch.setattr(ops_ssd, "ssd_chunked", spy)
+    monkeypatch.setattr(ops_ssd, "kernels_available_for", lambda tensor: False)  # the PyTorch path's choice
     inputs = _ssd_inputs(2, 70, 2, p, 1, n, dt_shift=1.0)
     y, h_last = ssd_scan(**inputs, chunk_size=chunk, dt_softplus=True, return_final_state=True)
     y_ref, h_ref = ssd_scan_ref(**inputs, dt_softplus=True, return_final_state=True)

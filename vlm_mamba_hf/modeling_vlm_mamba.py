@@ -27,6 +27,7 @@ from transformers.utils import ModelOutput
 
 from .cache_vlm_mamba import VLMambaStateCache
 from .configuration_vlm_mamba import VLMambaConfig, VLMambaVisionConfig, validate_mamba_text_config
+from .cpu_kernels import kernels_available_for, rms_norm_cpu
 from .fused_loss import fused_causal_lm_loss
 from .ops_ssd import causal_conv1d_rows, ssd_scan, ssd_state_update
 from .ssm_ops import (
@@ -77,6 +78,15 @@ class VLMambaVisionOutput(ModelOutput):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _fused_norm(hidden_states: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None = None) -> bool:
+    """Whether a norm can run the fused CPU kernel: fp32 input, weight and gate, and the kernels available."""
+    if hidden_states.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if gate is not None and gate.dtype != torch.float32:
+        return False
+    return kernels_available_for(hidden_states)
+
+
 class VLMambaRMSNorm(nn.Module):
     """RMSNorm computed in fp32: x / sqrt(mean(x^2) + eps) * weight."""
 
@@ -86,6 +96,8 @@ class VLMambaRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if _fused_norm(hidden_states, self.weight):
+            return rms_norm_cpu(hidden_states, self.weight, self.variance_epsilon)
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
@@ -433,6 +445,8 @@ class VLMambaGatedRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         """hidden_states, gate (..., hidden_size) -> (..., hidden_size) in hidden_states' dtype."""
+        if _fused_norm(hidden_states, self.weight, gate):
+            return rms_norm_cpu(hidden_states, self.weight, self.variance_epsilon, gate, self.group_size)
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.to(torch.float32)
         if gate is not None:

@@ -25,6 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .cpu_kernels import causal_conv1d_rows_cpu, kernels_available_for, load_library, ssd_scan_cpu
 from .ssm_ops import _activate, _cuda_kernel, _cuda_step_kernel, causal_conv1d
 
 DEFAULT_DT_LIMIT = (0.0, float("inf"))
@@ -323,6 +324,15 @@ def _torch_chunk(chunk_size: int, head_dim: int, state_size: int) -> int:
     return max(1, min(chunk_size, _TORCH_MAX_CHUNK, balanced))
 
 
+def _scan_setup(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_state, ctype=torch.float32):
+    """Shared checks and casts of the fused scans: (dt final in `ctype`, D in `ctype` or None, h0 (b, h, p, n))."""
+    _check_shapes(x, dt, A, B, C)
+    b, _, h, p = x.shape
+    h0 = x.new_zeros(b, h, p, B.shape[3], dtype=ctype) if initial_state is None else initial_state.to(ctype)
+    dt = _prepare_dt(dt, dt_bias, dt_softplus, dt_limit, ctype)
+    return dt, None if D is None else D.to(ctype), h0
+
+
 def ssd_chunked(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -342,22 +352,42 @@ def ssd_chunked(
     in x's dtype. Chunks are `chunk_size` steps, at most 64 (`_TORCH_MAX_CHUNK`): the result does not depend on
     the chunk length, and on CPUs shorter chunks are faster.
     """
-    _check_shapes(x, dt, A, B, C)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-    b, length, h, p = x.shape
-    h0 = (
-        x.new_zeros(b, h, p, B.shape[3], dtype=torch.float32)
-        if initial_state is None
-        else initial_state.float()
-    )
-    if length == 0:
-        y = x.new_zeros(b, 0, h, p)
+    dt, D, h0 = _scan_setup(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_state)
+    if x.shape[1] == 0:
+        y = x.new_zeros(x.shape)
         return (y, h0) if return_final_state else y
-    dt = _prepare_dt(dt, dt_bias, dt_softplus, dt_limit)
     chunk = min(chunk_size, _TORCH_MAX_CHUNK)
-    D = None if D is None else D.float()
     y, final = _SSDChunkedFn.apply(x.float(), dt, A.float(), B.float(), C.float(), D, h0, chunk)
+    y = _finish(y, x, None, z, x.dtype)
+    return (y, final) if return_final_state else y
+
+
+def ssd_fused_cpu(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = DEFAULT_DT_LIMIT,
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+):
+    """The fused CPU kernel (`cpu_kernels`), differentiable; same contract as `ssd_scan_ref` (fp32 compute, fp64
+    for fp64 inputs; the final state in the compute dtype). Raises when the kernel is not built."""
+    ctype = torch.promote_types(x.dtype, torch.float32)
+    dt, D, h0 = _scan_setup(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_state, ctype)
+    if x.shape[1] == 0:
+        y = x.new_zeros(x.shape)
+        return (y, h0) if return_final_state else y
+    if load_library() is None:
+        raise RuntimeError("The fused CPU scan kernel is not available; use ssd_chunked.")
+    y, final = ssd_scan_cpu(x.to(ctype), dt, A.to(ctype), B.to(ctype), C.to(ctype), D, h0)
     y = _finish(y, x, None, z, x.dtype)
     return (y, final) if return_final_state else y
 
@@ -378,8 +408,10 @@ def ssd_scan(
     return_final_state: bool = False,
 ):
     """SSD scan, dispatched: `mamba_ssm`'s Triton `mamba_chunk_scan_combined` for CUDA tensors when it imports,
-    else `ssd_chunked` with the chunk length that is fastest for the head and state sizes (`_torch_chunk`; the
-    result does not depend on it). Shapes as in `ssd_scan_ref`; the final state (b, h, p, n) is fp32.
+    else, for CPU tensors, the fused kernel of `cpu_kernels` when it builds (`ssd_fused_cpu`), else `ssd_chunked`
+    with the chunk length that is fastest for the head and state sizes (`_torch_chunk`; the result does not
+    depend on it). Shapes as in `ssd_scan_ref`; the final state (b, h, p, n) is fp32 (fp64 for fp64 inputs on
+    the fused CPU path).
     """
     kernel = _cuda_kernel("mamba_chunk_scan_combined", x)
     if kernel is not None:
@@ -402,6 +434,10 @@ def ssd_scan(
             y, final = out
             return y, final.float()
         return out
+    if kernels_available_for(x):
+        return ssd_fused_cpu(
+            x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, initial_state, return_final_state
+        )
     chunk = _torch_chunk(chunk_size, x.shape[3], B.shape[3])
     return ssd_chunked(
         x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, initial_state, return_final_state
@@ -523,4 +559,7 @@ def causal_conv1d_rows(
         left = x.new_zeros(b, k - 1, c)
     else:
         left = initial_state[..., initial_state.shape[-1] - (k - 1) :].transpose(1, 2)
+    fused_activation = activation in (None, "silu", "swish")
+    if fused_activation and x.dtype in (torch.float32, torch.float64) and kernels_available_for(x):
+        return causal_conv1d_rows_cpu(x, weight, bias, left, activation is not None)
     return _activate(_CausalConv1dRowsFn.apply(x, weight, bias, left), activation)

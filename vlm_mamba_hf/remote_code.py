@@ -20,6 +20,7 @@ CODE_FILES = (
     "cache_vlm_mamba.py",
     "ssm_ops.py",
     "ops_ssd.py",
+    "cpu_kernels.py",
     "fused_loss.py",
     "image_processing_vlm_mamba.py",
     "processing_vlm_mamba.py",

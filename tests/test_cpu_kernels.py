@@ -1,0 +1,302 @@
+"""The fused CPU kernels (`cpu_kernels`, built from csrc/ with the system compiler) against the references.
+
+The SSD scan against the sequential `ssd_scan_ref` (outputs, final state and every gradient, fp64 and fp32),
+the causal conv against the PyTorch path it replaces, the dispatch, the fallback when no compiler works,
+and a whole Mamba-2 VLM training step with the kernels on and off.
+"""
+
+import shutil
+import warnings
+
+import pytest
+import torch
+from conftest import tiny_mamba2_config
+
+from vlm_mamba_hf import VLMambaConfig, VLMambaForConditionalGeneration, cpu_kernels, ops_ssd
+from vlm_mamba_hf.modeling_vlm_mamba import VLMambaGatedRMSNorm, VLMambaRMSNorm
+from vlm_mamba_hf.ops_ssd import causal_conv1d_rows, ssd_chunked, ssd_fused_cpu, ssd_scan, ssd_scan_ref
+
+pytestmark = pytest.mark.skipif(
+    cpu_kernels._compiler() is None, reason="no C++ compiler: the fused CPU kernels cannot be built"
+)
+
+
+@pytest.fixture(autouse=True)
+def _kernels_on():
+    cpu_kernels.set_cpu_kernels_enabled(True)
+    yield
+    cpu_kernels.set_cpu_kernels_enabled(None)
+
+
+def _ssd_inputs(b, length, h, p, g, n, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift).to(dtype)
+
+    return dict(
+        x=rand(b, length, h, p),
+        dt=rand(b, length, h, scale=2.0),
+        A=-torch.exp(rand(h)),
+        B=rand(b, length, g, n),
+        C=rand(b, length, g, n),
+        D=rand(h),
+        z=rand(b, length, h, p),
+        dt_bias=rand(h, scale=0.5),
+        initial_state=rand(b, h, p, n),
+    )
+
+
+def _outputs_and_grads(fn, inputs, through_y=True, through_state=True, **kwargs):
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    y, final = fn(**leaves, dt_softplus=True, return_final_state=True, **kwargs)
+    gen = torch.Generator().manual_seed(7)
+    loss = 0
+    if through_y:
+        loss = loss + (y * torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.dtype)).sum()
+    if through_state:
+        loss = (
+            loss
+            + (final * torch.randn(final.shape, generator=gen, dtype=torch.float64).to(final.dtype)).sum()
+        )
+    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    return y, final, dict(zip(leaves, grads))
+
+
+def _rel(ref, other):
+    return ((ref - other).abs().max() / ref.abs().max().clamp(min=1e-12)).item()
+
+
+@pytest.mark.parametrize(
+    "b,length,h,p,g,n",
+    [
+        (2, 1, 4, 8, 2, 5),  # one step
+        (2, 37, 4, 16, 2, 8),  # head_dim 16 (a specialised size); two checkpoint segments, the last partial
+        (2, 70, 4, 32, 1, 16),  # head_dim 32, one group for all heads; three segments
+        (1, 33, 2, 64, 2, 4),  # head_dim 64
+        (2, 65, 3, 5, 3, 3),  # an unspecialised head_dim; one head per group
+    ],
+)
+def test_fused_ssd_matches_sequential_reference_fp64(b, length, h, p, g, n):
+    inputs = _ssd_inputs(b, length, h, p, g, n, torch.float64)
+    y_ref, final_ref, grads_ref = _outputs_and_grads(ssd_scan_ref, inputs)
+    y, final, grads = _outputs_and_grads(ssd_fused_cpu, inputs)
+    assert y.dtype == final.dtype == torch.float64
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(final, final_ref, rtol=1e-10, atol=1e-10)
+    for name, ref in grads_ref.items():
+        torch.testing.assert_close(grads[name], ref, rtol=1e-9, atol=1e-9, msg=f"grad of {name}")
+
+
+@pytest.mark.parametrize("through_y,through_state", [(True, False), (False, True)])
+def test_fused_ssd_gradients_when_only_one_output_is_used(through_y, through_state):
+    inputs = _ssd_inputs(2, 40, 4, 8, 2, 4, torch.float64, seed=1)
+    _, _, grads_ref = _outputs_and_grads(ssd_scan_ref, inputs, through_y, through_state)
+    _, _, grads = _outputs_and_grads(ssd_fused_cpu, inputs, through_y, through_state)
+    for name, ref in grads_ref.items():
+        if ref is None:
+            assert grads[name] is None or not grads[name].any(), name
+        else:
+            torch.testing.assert_close(grads[name], ref, rtol=1e-9, atol=1e-9, msg=f"grad of {name}")
+
+
+def test_fused_ssd_fp32_matches_fp64_reference_with_per_channel_skip_and_dt_limit():
+    inputs = _ssd_inputs(2, 90, 4, 32, 2, 16, torch.float32, seed=2)
+    inputs["D"] = torch.randn(4, 32)
+    kwargs = dict(dt_limit=(0.01, 0.8))
+    y_ref, final_ref, grads_ref = _outputs_and_grads(
+        ssd_scan_ref, {k: v.double() for k, v in inputs.items()}, **kwargs
+    )
+    y, final, grads = _outputs_and_grads(ssd_fused_cpu, inputs, **kwargs)
+    assert y.dtype == final.dtype == torch.float32
+    assert _rel(y_ref, y.double()) < 1e-5 and _rel(final_ref, final.double()) < 1e-5
+    for name, ref in grads_ref.items():
+        assert _rel(ref, grads[name].double()) < 1e-4, name
+
+
+def test_fused_ssd_gradcheck():
+    inputs = _ssd_inputs(1, 5, 2, 3, 1, 2, torch.float64, seed=3)
+    names = list(inputs)
+
+    def fn(*tensors):
+        y, final = ssd_fused_cpu(**dict(zip(names, tensors)), dt_softplus=True, return_final_state=True)
+        return y, final
+
+    assert torch.autograd.gradcheck(fn, [v.requires_grad_() for v in inputs.values()])
+
+
+def test_fused_ssd_gives_the_same_result_on_several_threads():
+    inputs = _ssd_inputs(4, 50, 4, 16, 2, 8, torch.float32, seed=4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _outputs_and_grads(ssd_fused_cpu, inputs)
+        torch.set_num_threads(3)
+        three = _outputs_and_grads(ssd_fused_cpu, inputs)
+    finally:
+        torch.set_num_threads(threads)
+    # Each (batch, head) pair is one task whatever the thread count: bit-identical, B and C grads included.
+    assert torch.equal(one[0], three[0]) and torch.equal(one[1], three[1])
+    for name in one[2]:
+        assert torch.equal(one[2][name], three[2][name]), name
+
+
+def test_ssd_scan_dispatches_cpu_tensors_to_the_kernel_unless_disabled(monkeypatch):
+    calls = []
+    real = ops_ssd.ssd_scan_cpu
+    monkeypatch.setattr(ops_ssd, "ssd_scan_cpu", lambda *a: calls.append(1) or real(*a))
+    inputs = _ssd_inputs(2, 20, 4, 8, 2, 4, torch.float32)
+    fused = ssd_scan(**inputs, chunk_size=8, dt_softplus=True)
+    assert calls == [1]
+    chunked = ssd_chunked(**inputs, chunk_size=8, dt_softplus=True)
+    torch.testing.assert_close(fused, chunked, rtol=1e-5, atol=1e-5)
+    cpu_kernels.set_cpu_kernels_enabled(False)
+    ssd_scan(**inputs, chunk_size=8, dt_softplus=True)
+    assert calls == [1]
+    cpu_kernels.set_cpu_kernels_enabled(None)
+    monkeypatch.setenv("VLM_MAMBA_CPU_KERNELS", "0")
+    assert not cpu_kernels.cpu_kernels_enabled()
+    ssd_scan(**inputs, chunk_size=8, dt_softplus=True)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize(
+    "k,activation,with_bias,with_state",
+    [(4, "silu", True, False), (4, None, False, True), (3, "silu", True, True), (1, "silu", False, False)],
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_conv_matches_the_pytorch_path(k, activation, with_bias, with_state, dtype):
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(3, 11, 6, generator=gen, dtype=dtype)
+    weight = torch.randn(6, k, generator=gen, dtype=dtype)
+    bias = torch.randn(6, generator=gen, dtype=dtype) if with_bias else None
+    state = torch.randn(3, 6, k + 2, generator=gen, dtype=dtype) if with_state else None
+    upstream = torch.randn(3, 11, 6, generator=gen, dtype=dtype)
+    results = []
+    for enabled in (False, True):
+        cpu_kernels.set_cpu_kernels_enabled(enabled)
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias, state) if t is not None]
+        args = iter(leaves)
+        out = causal_conv1d_rows(
+            next(args),
+            next(args),
+            next(args) if with_bias else None,
+            next(args) if with_state else None,
+            activation,
+        )
+        results.append((out, torch.autograd.grad((out * upstream).sum(), leaves)))
+    (ref, ref_grads), (out, grads) = results
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, ref, **tol)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, **tol)
+
+
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("VLM_MAMBA_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    cpu_kernels._reset_for_tests()
+    try:
+        inputs = _ssd_inputs(1, 12, 2, 4, 1, 3, torch.float32)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = ssd_scan(**inputs, chunk_size=4, dt_softplus=True)
+            ssd_scan(**inputs, chunk_size=4, dt_softplus=True)
+        messages = [str(w.message) for w in caught if "fused CPU" in str(w.message)]
+        assert len(messages) == 1 and "no C++ compiler" in messages[0], messages
+        torch.testing.assert_close(y, ssd_chunked(**inputs, chunk_size=4, dt_softplus=True))
+        with pytest.raises(RuntimeError, match="not available"):
+            ssd_fused_cpu(**inputs, dt_softplus=True)
+    finally:
+        cpu_kernels._reset_for_tests()
+
+
+def test_the_library_is_cached_under_a_name_that_hashes_the_source(monkeypatch, tmp_path):
+    monkeypatch.setenv("VLM_MAMBA_KERNEL_CACHE", str(tmp_path))
+    cpu_kernels._reset_for_tests()
+    try:
+        assert cpu_kernels.load_library() is not None
+        built = sorted(tmp_path.glob("mamba_cpu-*.so"))
+        assert len(built) == 1 and not list(tmp_path.glob("*.tmp*"))
+        cpu_kernels._reset_for_tests()
+        assert cpu_kernels.load_library() is not None  # found, not rebuilt
+        assert sorted(tmp_path.glob("mamba_cpu-*.so")) == built
+        source = tmp_path / "edited.cpp"
+        source.write_text(cpu_kernels._SOURCE.read_text() + "\n// edited\n")
+        monkeypatch.setattr(cpu_kernels, "_SOURCE", source)
+        cpu_kernels._reset_for_tests()
+        assert cpu_kernels.load_library() is not None
+        assert len(list(tmp_path.glob("mamba_cpu-*.so"))) == 2  # an edited source never loads the old build
+    finally:
+        cpu_kernels._reset_for_tests()
+
+
+def test_vlm_training_step_is_the_same_with_the_kernels_on_and_off():
+    config = VLMambaConfig(
+        text_config=tiny_mamba2_config(head_dim=16, num_heads=4, n_groups=1).to_dict(),
+        vision_config=dict(
+            image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=2, ssm_layer="mamba2", head_dim=16
+        ),
+        image_token_id=5,
+    )
+    torch.manual_seed(0)
+    model = VLMambaForConditionalGeneration(config).train()
+    ids = torch.randint(6, 90, (2, 14))
+    ids[:, 1:5] = 5
+    batch = dict(input_ids=ids, pixel_values=torch.randn(2, 3, 16, 16), labels=ids.clone())
+    results = []
+    for enabled in (False, True):
+        cpu_kernels.set_cpu_kernels_enabled(enabled)
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        results.append(
+            (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        )
+    (loss_ref, grads_ref), (loss, grads) = results
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == grads_ref.keys() and any("conv1d" in n for n in grads)
+    for name, ref in grads_ref.items():
+        assert _rel(ref, grads[name]) < 1e-4, name
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_fused_norms_match_the_pytorch_path(gated):
+    gen = torch.Generator().manual_seed(5)
+    # x and the gate are slices of wider tensors, as the mixer's in_proj split hands them over.
+    wide, gate_source = torch.randn(3, 9, 40, generator=gen), torch.randn(3, 9, 40, generator=gen)
+    norm = VLMambaGatedRMSNorm(24, 8, eps=1e-5) if gated else VLMambaRMSNorm(24, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5, generator=gen)
+    upstream = torch.randn(3, 9, 24, generator=gen)
+    results = []
+    for enabled in (False, True):
+        cpu_kernels.set_cpu_kernels_enabled(enabled)
+        x_wide, gate_wide = wide.clone().requires_grad_(), gate_source.clone().requires_grad_()
+        x, gate = x_wide[..., 4:28], gate_wide[..., 10:34]
+        out = norm(x, gate) if gated else norm(x)
+        leaves = [x_wide, gate_wide, norm.weight] if gated else [x_wide, norm.weight]
+        results.append((out, torch.autograd.grad((out * upstream).sum(), leaves)))
+    (ref, ref_grads), (out, grads) = results
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_norm_fp64_against_the_formula():
+    gen = torch.Generator().manual_seed(8)
+    x, gate = (
+        torch.randn(2, 5, 12, generator=gen, dtype=torch.float64),
+        torch.randn(2, 5, 12, generator=gen, dtype=torch.float64),
+    )
+    weight = torch.rand(12, generator=gen, dtype=torch.float64) + 0.5
+    h = x * torch.nn.functional.silu(gate)
+    groups = h.unflatten(-1, (3, 4))
+    expected = weight * (groups / torch.sqrt(groups.pow(2).mean(-1, keepdim=True) + 1e-6)).flatten(-2)
+    torch.testing.assert_close(
+        cpu_kernels.rms_norm_cpu(x, weight, 1e-6, gate, 4), expected, rtol=1e-12, atol=1e-12
+    )
+    leaves = [t.clone().requires_grad_() for t in (x, weight, gate)]
+    assert torch.autograd.gradcheck(lambda a, w, g: cpu_kernels.rms_norm_cpu(a, w, 1e-6, g, 4), leaves)
+    assert torch.autograd.gradcheck(lambda a, w: cpu_kernels.rms_norm_cpu(a, w, 1e-6), leaves[:2])

@@ -1,0 +1,386 @@
+"""Fused CPU kernels, built once per machine from `csrc/` with the system C++ compiler and called via ctypes.
+
+The PyTorch paths in `ops_ssd` work everywhere but spend most of a small model's training step in chains of
+small element-wise operations. The kernels here run the same recurrences in one pass with the state kept in
+cache. They are plain C functions on raw pointers: no torch headers, so they build in about a second, and
+any compiler/ABI problem leaves the PyTorch path in place.
+
+Building: on first use the source is compiled with `$CXX` (else `c++`, `g++` or `clang++`) into
+`$VLM_MAMBA_KERNEL_CACHE` (default: `$XDG_CACHE_HOME/vlm_mamba_hf/kernels`, else `~/.cache/...`), under a
+name that hashes the source, the flags and the machine, so an edited source or another CPU never loads a
+stale library. If no compiler is found or the build fails, a warning says so once and the PyTorch path is
+used. `VLM_MAMBA_CPU_KERNELS=0` turns the kernels off (no build is tried); `set_cpu_kernels_enabled` does the
+same from Python.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("csrc") / "mamba_cpu.cpp"
+_ABI_VERSION = 1
+# The flags are tried in order; a compiler that rejects one set gets the next (e.g. no -march=native).
+_FLAG_SETS = (
+    ["-O3", "-march=native", "-fopenmp-simd"],
+    ["-O3", "-fopenmp-simd"],
+    ["-O3"],
+)
+_COMMON_FLAGS = ["-std=c++17", "-shared", "-fPIC", "-pthread"]
+# States are stored every _CHECKPOINT_STEPS steps in the forward pass and recomputed in between by the
+# backward pass: memory (b, h, l / K, p, n) against a (K + 1, p, n) buffer per thread.
+_CHECKPOINT_STEPS = 32
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_load_failed: str | None = None
+_enabled_override: bool | None = None
+
+
+def set_cpu_kernels_enabled(enabled: bool | None) -> None:
+    """Turn the fused CPU kernels off (False), on (True), or back to the environment's choice (None)."""
+    global _enabled_override
+    _enabled_override = None if enabled is None else bool(enabled)
+
+
+def cpu_kernels_enabled() -> bool:
+    """Whether CPU tensors may use the fused kernels (`VLM_MAMBA_CPU_KERNELS`, or `set_cpu_kernels_enabled`)."""
+    if _enabled_override is not None:
+        return _enabled_override
+    return os.environ.get("VLM_MAMBA_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def kernel_cache_dir() -> Path:
+    if os.environ.get("VLM_MAMBA_KERNEL_CACHE"):
+        return Path(os.environ["VLM_MAMBA_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "vlm_mamba_hf" / "kernels"
+
+
+def _compiler() -> str | None:
+    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
+    for name in candidates:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _build(compiler: str, directory: Path) -> Path:
+    """Compile the source into `directory` (or find it built there); returns the library's path."""
+    source = _SOURCE.read_bytes()
+    errors = []
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256(
+            b"\0".join(
+                [
+                    source,
+                    compiler.encode(),
+                    " ".join(flags + _COMMON_FLAGS).encode(),
+                    platform.machine().encode(),
+                ]
+            )
+        ).hexdigest()[:16]
+        target = directory / f"mamba_cpu-{key}.so"
+        if target.exists():
+            return target
+        directory.mkdir(parents=True, exist_ok=True)
+        # Built under a temporary name and renamed into place, so a concurrent process never loads half a file.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
+        os.close(fd)
+        result = subprocess.run(
+            [compiler, *flags, *_COMMON_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True
+        )
+        if result.returncode == 0:
+            os.replace(tmp, target)
+            return target
+        os.unlink(tmp)
+        lines = result.stderr.strip().splitlines()
+        first_error = next((line for line in lines if "error" in line), lines[-1] if lines else "")
+        errors.append(f"{' '.join(flags)}: {first_error or f'exit status {result.returncode}'}")
+    raise RuntimeError("the compiler rejected the source: " + "; ".join(map(str, errors)))
+
+
+def _declare(library: ctypes.CDLL) -> None:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    dims = [i64] * 7
+    for suffix in ("f32", "f64"):
+        forward = getattr(library, f"vlm_ssd_forward_{suffix}")
+        forward.argtypes = dims + [ptr] * 9 + [ctypes.c_int]
+        forward.restype = ctypes.c_int
+        backward = getattr(library, f"vlm_ssd_backward_{suffix}")
+        backward.argtypes = dims + [ptr] * 14 + [ctypes.c_int]
+        backward.restype = ctypes.c_int
+        conv_forward = getattr(library, f"vlm_conv_forward_{suffix}")
+        conv_forward.argtypes = [i64] * 4 + [ptr] * 4 + [ctypes.c_int, ptr, ctypes.c_int]
+        conv_forward.restype = ctypes.c_int
+        conv_backward = getattr(library, f"vlm_conv_backward_{suffix}")
+        conv_backward.argtypes = [i64] * 4 + [ptr] * 4 + [ctypes.c_int] + [ptr] * 5 + [ctypes.c_int]
+        conv_backward.restype = ctypes.c_int
+        norm_forward = getattr(library, f"vlm_rmsnorm_forward_{suffix}")
+        norm_forward.argtypes = [i64] * 3 + [ptr, i64, ptr, i64, ptr, ctypes.c_double, ptr, ptr, ctypes.c_int]
+        norm_forward.restype = ctypes.c_int
+        norm_backward = getattr(library, f"vlm_rmsnorm_backward_{suffix}")
+        norm_backward.argtypes = [i64] * 3 + [ptr, i64, ptr, i64] + [ptr] * 6 + [ctypes.c_int]
+        norm_backward.restype = ctypes.c_int
+
+
+def load_library() -> ctypes.CDLL | None:
+    """The built kernel library, building it on first call; None (after one warning) when it cannot be."""
+    global _library, _load_failed
+    if _library is not None or _load_failed is not None:
+        return _library
+    with _lock:
+        if _library is not None or _load_failed is not None:
+            return _library
+        if not _SOURCE.exists():
+            # A copy of the code without csrc/ (the model files next to a checkpoint, for trust_remote_code):
+            # the kernels are simply not part of it.
+            _load_failed = f"{_SOURCE} is not there"
+            return None
+        compiler = _compiler()
+        try:
+            if compiler is None:
+                raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
+            library = ctypes.CDLL(str(_build(compiler, kernel_cache_dir())))
+            if library.vlm_kernels_abi_version() != _ABI_VERSION:
+                raise RuntimeError("the built library is of another version")
+            _declare(library)
+        except Exception as error:  # noqa: BLE001 - any failure means the PyTorch path
+            _load_failed = str(error)
+            warnings.warn(
+                f"The fused CPU scan kernel could not be built ({error}); using the slower PyTorch path. "
+                "Set VLM_MAMBA_CPU_KERNELS=0 to skip the build.",
+                stacklevel=3,
+            )
+            return None
+        _library = library
+        return library
+
+
+def kernels_available_for(tensor: torch.Tensor) -> bool:
+    """Whether work on `tensor` would run the fused CPU kernels: a CPU tensor, kernels enabled, not inside
+    `torch.compile` (an opaque call would split its graph), and the library built (on first call)."""
+    if tensor.device.type != "cpu" or not cpu_kernels_enabled() or torch.compiler.is_compiling():
+        return False
+    return load_library() is not None
+
+
+def _reset_for_tests() -> None:
+    global _library, _load_failed
+    _library, _load_failed = None, None
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class _SSDScanCPUFn(torch.autograd.Function):
+    """The fused scan with its hand-written backward. Inputs contiguous, fp32 or fp64, dt final; D * x here."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, h0):
+        library = load_library()
+        b, length, h, p = x.shape
+        g, n = B.shape[2:]
+        suffix = "f64" if x.dtype == torch.float64 else "f32"
+        needs_grad = any(ctx.needs_input_grad)
+        K = _CHECKPOINT_STEPS
+        y = torch.empty_like(x)
+        final = torch.empty_like(h0)
+        checkpoints = x.new_empty(b, h, (length + K - 1) // K, p, n) if needs_grad else None
+        getattr(library, f"vlm_ssd_forward_{suffix}")(
+            b,
+            length,
+            h,
+            p,
+            g,
+            n,
+            K,
+            *map(_ptr, (x, dt, A, B, C, h0, y, final, checkpoints)),
+            torch.get_num_threads(),
+        )
+        if needs_grad:
+            ctx.save_for_backward(x, dt, A, B, C, D, checkpoints)
+        if D is not None:
+            y.addcmul_(x, D[:, None] if D.dim() == 1 else D)
+        return y, final
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_final):
+        library = load_library()
+        x, dt, A, B, C, D, checkpoints = ctx.saved_tensors
+        b, length, h, p = x.shape
+        g, n = B.shape[2:]
+        suffix = "f64" if x.dtype == torch.float64 else "f32"
+        grad_y = None if grad_y is None else grad_y.to(x.dtype).contiguous()
+        grad_final = None if grad_final is None else grad_final.to(x.dtype).contiguous()
+        grad_x, grad_dt = torch.empty_like(x), torch.empty_like(dt)
+        grad_B, grad_C = x.new_empty(b, length, h, n), x.new_empty(b, length, h, n)
+        grad_A, grad_h0 = x.new_empty(b, h), x.new_empty(b, h, p, n)
+        getattr(library, f"vlm_ssd_backward_{suffix}")(
+            b,
+            length,
+            h,
+            p,
+            g,
+            n,
+            _CHECKPOINT_STEPS,
+            *map(_ptr, (x, dt, A, B, C, checkpoints, grad_y, grad_final)),
+            *map(_ptr, (grad_x, grad_dt, grad_B, grad_C, grad_A, grad_h0)),
+            torch.get_num_threads(),
+        )
+        grad_D = None
+        if D is not None and grad_y is not None:
+            grad_x.addcmul_(grad_y, D[:, None] if D.dim() == 1 else D)
+            grad_D = (grad_y * x).sum((0, 1))
+            grad_D = grad_D.sum(-1) if D.dim() == 1 else grad_D
+        elif D is not None:
+            grad_D = torch.zeros_like(D)
+        grad_B = grad_B.view(b, length, g, h // g, n).sum(3)
+        grad_C = grad_C.view(b, length, g, h // g, n).sum(3)
+        return grad_x, grad_dt, grad_A.sum(0), grad_B, grad_C, grad_D, grad_h0
+
+
+def ssd_scan_cpu(x, dt, A, B, C, D, h0):
+    """y (b, l, h, p) with the skip D * x, and the final state (b, h, p, n); every input already in the
+    compute dtype (fp32 or fp64) with dt final. Differentiable."""
+    args = [t.contiguous() for t in (x, dt, A, B, C)]
+    return _SSDScanCPUFn.apply(*args, None if D is None else D.contiguous(), h0.contiguous())
+
+
+class _CausalConvCPUFn(torch.autograd.Function):
+    """Causal depthwise conv over rows (b, l, c) with left context (b, k - 1, c), plus SiLU when asked."""
+
+    @staticmethod
+    def forward(ctx, x, weight_kc, bias, left, silu):
+        library = load_library()
+        b, length, c = x.shape
+        k = weight_kc.shape[0]
+        suffix = "f64" if x.dtype == torch.float64 else "f32"
+        out = torch.empty_like(x)
+        getattr(library, f"vlm_conv_forward_{suffix}")(
+            b,
+            length,
+            c,
+            k,
+            *map(_ptr, (x, weight_kc, bias, left)),
+            int(silu),
+            out.data_ptr(),
+            torch.get_num_threads(),
+        )
+        ctx.save_for_backward(x, weight_kc, bias, left)
+        ctx.silu = silu
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        library = load_library()
+        x, weight_kc, bias, left = ctx.saved_tensors
+        b, length, c = x.shape
+        k = weight_kc.shape[0]
+        suffix = "f64" if x.dtype == torch.float64 else "f32"
+        grad_out = grad_out.to(x.dtype).contiguous()
+        grad_x, grad_w, grad_left = torch.empty_like(x), torch.empty_like(weight_kc), torch.empty_like(left)
+        grad_bias = None if bias is None else torch.empty_like(bias)
+        getattr(library, f"vlm_conv_backward_{suffix}")(
+            b,
+            length,
+            c,
+            k,
+            *map(_ptr, (x, weight_kc, bias, left)),
+            int(ctx.silu),
+            *map(_ptr, (grad_out, grad_x, grad_w, grad_bias, grad_left)),
+            torch.get_num_threads(),
+        )
+        return grad_x, grad_w, grad_bias, grad_left, None
+
+
+def causal_conv1d_rows_cpu(x, weight, bias, left, silu: bool):
+    """x (b, l, c) fp32/fp64, weight (c, k), bias (c,) or None, left (b, k - 1, c) -> (b, l, c). Differentiable."""
+    dtype = x.dtype
+    weight_kc = weight.t().to(dtype).contiguous()
+    bias = None if bias is None else bias.to(dtype).contiguous()
+    return _CausalConvCPUFn.apply(x.contiguous(), weight_kc, bias, left.to(dtype).contiguous(), silu)
+
+
+def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """t (..., d) as rows the kernel can read: t itself with its row stride when its rows are evenly spaced
+    with contiguous channels (a slice of a wider tensor's last dim is), else a contiguous copy."""
+    if t.stride(-1) == 1 and all(t.stride(i) == t.shape[i + 1] * t.stride(i + 1) for i in range(t.dim() - 2)):
+        return t, t.stride(-2) if t.dim() > 1 else t.shape[-1]
+    return t.contiguous(), t.shape[-1]
+
+
+class _RMSNormCPUFn(torch.autograd.Function):
+    """RMSNorm per group of channels, optionally gated by SiLU(z) first; fp32 or fp64 throughout."""
+
+    @staticmethod
+    def forward(ctx, x, z, weight, group_size, eps):
+        library = load_library()
+        d = x.shape[-1]
+        rows = x.numel() // d
+        suffix = "f64" if x.dtype == torch.float64 else "f32"
+        x_rows, x_stride = _rows(x)
+        z_rows, z_stride = _rows(z) if z is not None else (None, 0)
+        out = x.new_empty(x.shape)
+        rstd = x.new_empty(rows, d // group_size)
+        getattr(library, f"vlm_rmsnorm_forward_{suffix}")(
+            rows,
+            d,
+            group_size,
+            _ptr(x_rows),
+            x_stride,
+            _ptr(z_rows),
+            z_stride,
+            _ptr(weight),
+            eps,
+            out.data_ptr(),
+            rstd.data_ptr(),
+            torch.get_num_threads(),
+        )
+        ctx.save_for_backward(x_rows, z_rows, weight, rstd)
+        ctx.layout = (x.shape, rows, d, group_size, x_stride, z_stride)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        library = load_library()
+        x_rows, z_rows, weight, rstd = ctx.saved_tensors
+        shape, rows, d, group_size, x_stride, z_stride = ctx.layout
+        suffix = "f64" if weight.dtype == torch.float64 else "f32"
+        grad_out = grad_out.to(weight.dtype).contiguous()
+        grad_x = grad_out.new_empty(shape)
+        grad_z = None if z_rows is None else grad_out.new_empty(shape)
+        grad_w = torch.empty_like(weight)
+        getattr(library, f"vlm_rmsnorm_backward_{suffix}")(
+            rows,
+            d,
+            group_size,
+            _ptr(x_rows),
+            x_stride,
+            _ptr(z_rows),
+            z_stride,
+            _ptr(weight),
+            _ptr(rstd),
+            *map(_ptr, (grad_out, grad_x, grad_z, grad_w)),
+            torch.get_num_threads(),
+        )
+        return grad_x, grad_z, grad_w, None, None
+
+
+def rms_norm_cpu(x, weight, eps: float, gate=None, group_size: int | None = None):
+    """weight * RMSNorm(x * SiLU(gate)) per group of `group_size` channels (all of them by default); x, gate
+    (..., d) and weight (d,) of one dtype, fp32 or fp64. Differentiable."""
+    group_size = group_size or x.shape[-1]
+    return _RMSNormCPUFn.apply(x, gate, weight.contiguous(), group_size, float(eps))

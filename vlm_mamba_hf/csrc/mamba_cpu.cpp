@@ -1,0 +1,478 @@
+// Fused CPU kernels for the Mamba-2 mixer's training and prefill: the sequential SSD scan and the causal
+// depthwise conv1d with its SiLU, forward and backward.
+//
+// Plain C ABI (called through ctypes, no torch headers), built once per machine by
+// vlm_mamba_hf/cpu_kernels.py with the system C++ compiler. Same contract as ops_ssd.ssd_scan_ref with dt
+// already final (bias, softplus and clamp applied) and without the skip D * x and the gate, which stay in
+// PyTorch:
+//
+//   a_t = exp(dt_t * A)                      per (batch, head)
+//   S_t = a_t * S_{t-1} + (dt_t x_t) B_t^T   S: (head_dim p, state n), B_t and C_t of the head's group
+//   y_t = S_t C_t
+//
+// The forward pass keeps the state in a small per-task buffer and stores it every K steps (the checkpoints);
+// the backward pass walks the segments from the last, recomputes the K states of a segment from its
+// checkpoint, then steps back through them carrying G = dL/dS_t. One (batch, head) pair per task.
+//
+// The conv: out_t = act(bias + sum_j w_j * e_{t+j}) over the rows of e = [left (k-1 rows); x (L rows)], per
+// channel, with x (b, L, c) channels last and w given as (k, c). The backward pass recomputes the
+// pre-activation.
+//
+// The RMSNorm, optionally gated (Mamba-2's norm_before_gate=False): h = x * SiLU(z) (or x), then per group
+// of gs channels out = w * h / sqrt(mean(h^2) + eps). The forward pass keeps 1 / sqrt(...) per row and
+// group for the backward pass, which recomputes h. x and z may be rows of a wider tensor (a row stride);
+// every other array is contiguous and row-major.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+namespace {
+
+struct Dims {
+  int64_t b, L, h, p, g, n, K;
+  int64_t pn() const { return p * n; }
+  int64_t segments() const { return (L + K - 1) / K; }
+  int64_t group(int64_t head) const { return head / (h / g); }
+};
+
+// Runs f(task) for task in [0, total), split into contiguous ranges over `threads` threads.
+template <typename F>
+void parallel_for(int64_t total, int threads, F f) {
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, total));
+  auto run = [&](int64_t w) {
+    const int64_t begin = total * w / workers, end = total * (w + 1) / workers;
+    for (int64_t task = begin; task < end; ++task) f(task);
+  };
+  if (workers == 1) {
+    run(0);
+    return;
+  }
+  std::vector<std::thread> pool;
+  pool.reserve(workers - 1);
+  for (int64_t w = 1; w < workers; ++w) pool.emplace_back(run, w);
+  run(0);
+  for (auto& t : pool) t.join();
+}
+
+// Inside the kernels a state is held transposed, (n, p): every update is then a vertical multiply-add over p
+// contiguous values, with no horizontal sums in the forward pass. Arrays crossing the boundary are (p, n).
+template <typename T>
+inline void load_transposed(const Dims& d, const T* src, T* dst) {
+  for (int64_t i = 0; i < d.p; ++i)
+    for (int64_t j = 0; j < d.n; ++j) dst[j * d.p + i] = src[i * d.n + j];
+}
+
+template <typename T>
+inline void store_transposed(const Dims& d, const T* src, T* dst) {
+  for (int64_t i = 0; i < d.p; ++i)
+    for (int64_t j = 0; j < d.n; ++j) dst[i * d.n + j] = src[j * d.p + i];
+}
+
+// One step for one (batch, head): S <- a S_prev + B u^T (S may be S_prev), and y = S^T C when y is not null.
+template <typename T, int P>
+inline void step_state(const Dims& d, T* S, const T* prev, T decay, T step, const T* xt, const T* Bt,
+                       const T* Ct, T* yt, T* u) {
+  const int64_t p = P ? P : d.p;
+  for (int64_t i = 0; i < p; ++i) u[i] = step * xt[i];
+  if (yt) std::fill(yt, yt + p, T(0));
+  for (int64_t j = 0; j < d.n; ++j) {
+    const T bj = Bt[j], cj = Ct[j];
+    const T* Pj = prev + j * p;
+    T* Sj = S + j * p;
+    if (yt) {
+#pragma omp simd
+      for (int64_t i = 0; i < p; ++i) {
+        const T s = decay * Pj[i] + bj * u[i];
+        Sj[i] = s;
+        yt[i] += cj * s;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < p; ++i) Sj[i] = decay * Pj[i] + bj * u[i];
+    }
+  }
+}
+
+template <typename T, int P>
+void forward(const Dims& d, const T* x, const T* dt, const T* A, const T* B, const T* C, const T* h0, T* y,
+             T* final_state, T* checkpoints, int threads) {
+  const int64_t pn = d.pn(), segments = d.segments();
+  parallel_for(d.b * d.h, threads, [&](int64_t bh) {
+    const int64_t bi = bh / d.h, hi = bh % d.h, gi = d.group(hi);
+    std::vector<T> state(pn), u(d.p);
+    T* S = state.data();
+    load_transposed(d, h0 + bh * pn, S);
+    for (int64_t t = 0; t < d.L; ++t) {
+      if (checkpoints && t % d.K == 0) std::memcpy(checkpoints + (bh * segments + t / d.K) * pn, S, pn * sizeof(T));
+      const int64_t row = bi * d.L + t;
+      const T step = dt[row * d.h + hi];
+      step_state<T, P>(d, S, S, static_cast<T>(std::exp(step * A[hi])), step, x + (row * d.h + hi) * d.p,
+                 B + (row * d.g + gi) * d.n, C + (row * d.g + gi) * d.n, y + (row * d.h + hi) * d.p, u.data());
+    }
+    store_transposed(d, S, final_state + bh * pn);
+  });
+}
+
+// grad_y and grad_final may be null (no gradient reached them). grad_B and grad_C are per head,
+// (b, L, h, n), and grad_A per (batch, head), (b, h): the caller sums them over a group's heads and the batch.
+template <typename T, int P>
+void backward(const Dims& d, const T* x, const T* dt, const T* A, const T* B, const T* C, const T* checkpoints,
+              const T* grad_y, const T* grad_final, T* grad_x, T* grad_dt, T* grad_B, T* grad_C, T* grad_A,
+              T* grad_h0, int threads) {
+  const int64_t pn = d.pn(), segments = d.segments();
+  parallel_for(d.b * d.h, threads, [&](int64_t bh) {
+    const int64_t bi = bh / d.h, hi = bh % d.h, gi = d.group(hi);
+    const T a_coef = A[hi];
+    std::vector<T> G_buf(pn, T(0)), states((d.K + 1) * pn), decays(d.K), u(d.p), zeros(d.p, T(0));
+    std::vector<T> g_u(d.p), g_a(d.p);
+    T* G = G_buf.data();
+    if (grad_final) load_transposed(d, grad_final + bh * pn, G);
+    T g_A = 0;
+    for (int64_t seg = segments - 1; seg >= 0; --seg) {
+      const int64_t t0 = seg * d.K, t1 = std::min(d.L, t0 + d.K);
+      std::memcpy(states.data(), checkpoints + (bh * segments + seg) * pn, pn * sizeof(T));
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t row = bi * d.L + t, k = t - t0;
+        const T step = dt[row * d.h + hi];
+        decays[k] = static_cast<T>(std::exp(step * a_coef));
+        step_state<T, P>(d, states.data() + (k + 1) * pn, states.data() + k * pn, decays[k], step,
+                   x + (row * d.h + hi) * d.p, B + (row * d.g + gi) * d.n, C + (row * d.g + gi) * d.n,
+                   static_cast<T*>(nullptr), u.data());
+      }
+      for (int64_t t = t1 - 1; t >= t0; --t) {
+        const int64_t row = bi * d.L + t, k = t - t0;
+        const T step = dt[row * d.h + hi], decay = decays[k];
+        const T* S_prev = states.data() + k * pn;
+        const T* S_t = S_prev + pn;
+        const T* xt = x + (row * d.h + hi) * d.p;
+        const T* Bt = B + (row * d.g + gi) * d.n;
+        const T* Ct = C + (row * d.g + gi) * d.n;
+        const T* dy = grad_y ? grad_y + (row * d.h + hi) * d.p : zeros.data();
+        T* gB = grad_B + (row * d.h + hi) * d.n;
+        T* gC = grad_C + (row * d.h + hi) * d.n;
+        const int64_t p = P ? P : d.p;
+        for (int64_t i = 0; i < p; ++i) u[i] = step * xt[i];
+        std::fill(g_u.begin(), g_u.end(), T(0));
+        std::fill(g_a.begin(), g_a.end(), T(0));
+        for (int64_t j = 0; j < d.n; ++j) {
+          const T bj = Bt[j], cj = Ct[j];
+          const T* Sj = S_t + j * p;
+          const T* Pj = S_prev + j * p;
+          T* Gj = G + j * p;
+          T gc = 0, gb = 0;
+#pragma omp simd reduction(+ : gc, gb)
+          for (int64_t i = 0; i < p; ++i) {
+            gc += dy[i] * Sj[i];               // y_t = S_t^T C_t
+            const T g = Gj[i] + cj * dy[i];    // dL/dS_t: from y_t and from S_{t+1}
+            gb += g * u[i];                    // S_t = a S_{t-1} + B_t u^T
+            g_u[i] += bj * g;
+            g_a[i] += g * Pj[i];
+            Gj[i] = g * decay;                 // dL/dS_{t-1} through S_t
+          }
+          gC[j] = gc;
+          gB[j] = gb;
+        }
+        T g_step = 0, g_decay = 0;
+        T* gx = grad_x + (row * d.h + hi) * d.p;
+        for (int64_t i = 0; i < p; ++i) {
+          gx[i] = g_u[i] * step;
+          g_step += g_u[i] * xt[i];
+          g_decay += g_a[i];
+        }
+        // a = exp(dt A): da/d(dt) = a A, da/dA = a dt.
+        grad_dt[row * d.h + hi] = g_step + g_decay * decay * a_coef;
+        g_A += g_decay * decay * step;
+      }
+    }
+    grad_A[bh] = g_A;
+    store_transposed(d, G, grad_h0 + bh * pn);
+  });
+}
+
+
+// exp for float that the compiler can vectorise (std::exp is a scalar library call): exp(v) = 2^k exp(r) with
+// k = round(v / ln 2) and |r| <= ln(2) / 2, ln 2 split in two parts so that r is exact, and exp(r) from a
+// degree-6 polynomial (the classic Cephes expf coefficients); about 1 ulp from std::exp over the clamped range.
+inline float exp_vec(float v) {
+  v = v < -87.0f ? -87.0f : (v > 88.0f ? 88.0f : v);
+  // Round to nearest by adding and removing 1.5 * 2^23 (std::floor does not vectorise without -ffast-math).
+  const float k = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (v - k * 0.693359375f) + k * 2.12194440e-4f;
+  float q = 1.9875691500e-4f;
+  q = q * r + 1.3981999507e-3f;
+  q = q * r + 8.3334519073e-3f;
+  q = q * r + 4.1665795894e-2f;
+  q = q * r + 1.6666665459e-1f;
+  q = q * r + 5.0000001201e-1f;
+  q = q * r * r + r + 1.0f;
+  return q * __builtin_bit_cast(float, (static_cast<int32_t>(k) + 127) << 23);  // 2^k
+}
+
+inline float sigmoid(float v) { return 1.0f / (1.0f + exp_vec(-v)); }
+inline double sigmoid(double v) { return 1.0 / (1.0 + std::exp(-v)); }
+
+// Row e of the extended input [left; x] of batch bi (e < k - 1 reads left).
+template <typename T>
+inline const T* ext_row(int64_t L, int64_t c, int64_t k, const T* x, const T* left, int64_t bi, int64_t e) {
+  return e < k - 1 ? left + (bi * (k - 1) + e) * c : x + (bi * L + e - (k - 1)) * c;
+}
+
+// pre_t = bias + sum_j w_j * e_{t+j} for one row t of batch bi.
+template <typename T>
+inline void conv_row(int64_t L, int64_t c, int64_t k, const T* x, const T* w, const T* bias, const T* left,
+                     int64_t bi, int64_t t, T* pre) {
+  if (bias) std::memcpy(pre, bias, c * sizeof(T));
+  else std::fill(pre, pre + c, T(0));
+  for (int64_t j = 0; j < k; ++j) {
+    const T* src = ext_row(L, c, k, x, left, bi, t + j);
+    const T* wj = w + j * c;
+#pragma omp simd
+    for (int64_t ch = 0; ch < c; ++ch) pre[ch] += wj[ch] * src[ch];
+  }
+}
+
+template <typename T>
+void conv_forward(int64_t b, int64_t L, int64_t c, int64_t k, const T* x, const T* w, const T* bias,
+                  const T* left, int silu, T* out, int threads) {
+  parallel_for(b * L, threads, [&](int64_t r) {
+    T* o = out + r * c;
+    conv_row(L, c, k, x, w, bias, left, r / L, r % L, o);
+    if (silu) {
+#pragma omp simd
+      for (int64_t ch = 0; ch < c; ++ch) o[ch] = o[ch] * sigmoid(o[ch]);
+    }
+  });
+}
+
+// grad_w (k, c) and grad_bias (c) are summed here over the batch (per-thread partial sums, then added up).
+template <typename T>
+void conv_backward(int64_t b, int64_t L, int64_t c, int64_t k, const T* x, const T* w, const T* bias,
+                   const T* left, int silu, const T* grad_out, T* grad_x, T* grad_w, T* grad_bias, T* grad_left,
+                   int threads) {
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, b));
+  std::vector<T> partial(workers * (k + 1) * c, T(0));
+  parallel_for(workers, static_cast<int>(workers), [&](int64_t wi) {
+    T* pw = partial.data() + wi * (k + 1) * c;  // k rows of grad_w, then grad_bias
+    std::vector<T> g_pre(L * c);
+    for (int64_t bi = b * wi / workers; bi < b * (wi + 1) / workers; ++bi) {
+      // dL/d(pre-activation) for every row of this batch element.
+      for (int64_t t = 0; t < L; ++t) {
+        T* g = g_pre.data() + t * c;
+        const T* go = grad_out + (bi * L + t) * c;
+        if (silu) {
+          conv_row(L, c, k, x, w, bias, left, bi, t, g);
+#pragma omp simd
+          for (int64_t ch = 0; ch < c; ++ch) {
+            const T s = sigmoid(g[ch]);
+            g[ch] = go[ch] * s * (T(1) + g[ch] * (T(1) - s));
+          }
+        } else {
+          std::memcpy(g, go, c * sizeof(T));
+        }
+        T* gb = pw + k * c;
+#pragma omp simd
+        for (int64_t ch = 0; ch < c; ++ch) gb[ch] += g[ch];
+      }
+      // Row e of [left; x] feeds output t = e - j through tap j.
+      for (int64_t e = 0; e < L + k - 1; ++e) {
+        T* gx = e < k - 1 ? grad_left + (bi * (k - 1) + e) * c : grad_x + (bi * L + e - (k - 1)) * c;
+        const T* src = ext_row(L, c, k, x, left, bi, e);
+        std::fill(gx, gx + c, T(0));
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t t = e - j;
+          if (t < 0 || t >= L) continue;
+          const T* g = g_pre.data() + t * c;
+          const T* wj = w + j * c;
+          T* gwj = pw + j * c;
+#pragma omp simd
+          for (int64_t ch = 0; ch < c; ++ch) {
+            gx[ch] += wj[ch] * g[ch];
+            gwj[ch] += g[ch] * src[ch];
+          }
+        }
+      }
+    }
+  });
+  std::fill(grad_w, grad_w + k * c, T(0));
+  if (grad_bias) std::fill(grad_bias, grad_bias + c, T(0));
+  for (int64_t wi = 0; wi < workers; ++wi) {
+    const T* pw = partial.data() + wi * (k + 1) * c;
+    for (int64_t i = 0; i < k * c; ++i) grad_w[i] += pw[i];
+    if (grad_bias)
+      for (int64_t ch = 0; ch < c; ++ch) grad_bias[ch] += pw[k * c + ch];
+  }
+}
+
+
+template <typename T>
+void rmsnorm_forward(int64_t rows, int64_t d, int64_t gs, const T* x, int64_t x_stride, const T* z,
+                     int64_t z_stride, const T* w, T eps, T* out, T* rstd, int threads) {
+  const int64_t groups = d / gs;
+  parallel_for(rows, threads, [&](int64_t r) {
+    const T* xr = x + r * x_stride;
+    const T* zr = z ? z + r * z_stride : nullptr;
+    T* o = out + r * d;
+    if (zr) {
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) o[i] = xr[i] * zr[i] * sigmoid(zr[i]);
+    } else {
+      std::memcpy(o, xr, d * sizeof(T));
+    }
+    for (int64_t k = 0; k < groups; ++k) {
+      T* og = o + k * gs;
+      T ss = 0;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < gs; ++i) ss += og[i] * og[i];
+      const T inv = T(1) / std::sqrt(ss / T(gs) + eps);
+      rstd[r * groups + k] = inv;
+      const T* wg = w + k * gs;
+#pragma omp simd
+      for (int64_t i = 0; i < gs; ++i) og[i] = wg[i] * (og[i] * inv);
+    }
+  });
+}
+
+// grad_z may be null (no gate); grad_w (d) is summed here over the rows (per-thread partial sums).
+template <typename T>
+void rmsnorm_backward(int64_t rows, int64_t d, int64_t gs, const T* x, int64_t x_stride, const T* z,
+                      int64_t z_stride, const T* w, const T* rstd, const T* grad_out, T* grad_x, T* grad_z,
+                      T* grad_w, int threads) {
+  const int64_t groups = d / gs;
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, rows));
+  std::vector<T> partial(workers * d, T(0));
+  parallel_for(workers, static_cast<int>(workers), [&](int64_t wi) {
+    T* gw = partial.data() + wi * d;
+    std::vector<T> h(d), gh(d);
+    for (int64_t r = rows * wi / workers; r < rows * (wi + 1) / workers; ++r) {
+      const T* xr = x + r * x_stride;
+      const T* zr = z ? z + r * z_stride : nullptr;
+      const T* go = grad_out + r * d;
+      if (zr) {
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) h[i] = xr[i] * zr[i] * sigmoid(zr[i]);
+      } else {
+        std::memcpy(h.data(), xr, d * sizeof(T));
+      }
+      for (int64_t k = 0; k < groups; ++k) {
+        const T inv = rstd[r * groups + k];
+        const int64_t lo = k * gs;
+        T dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t i = lo; i < lo + gs; ++i) {
+          const T n = h[i] * inv;
+          const T gn = go[i] * w[i];
+          gw[i] += go[i] * n;
+          dot += gn * n;
+        }
+        dot /= T(gs);
+#pragma omp simd
+        for (int64_t i = lo; i < lo + gs; ++i) gh[i] = inv * (go[i] * w[i] - h[i] * inv * dot);
+      }
+      T* gx = grad_x + r * d;
+      if (zr) {
+        T* gz = grad_z + r * d;
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) {
+          const T s = sigmoid(zr[i]);
+          gx[i] = gh[i] * zr[i] * s;
+          gz[i] = gh[i] * xr[i] * s * (T(1) + zr[i] * (T(1) - s));
+        }
+      } else {
+        std::memcpy(gx, gh.data(), d * sizeof(T));
+      }
+    }
+  });
+  std::fill(grad_w, grad_w + d, T(0));
+  for (int64_t wi = 0; wi < workers; ++wi)
+    for (int64_t i = 0; i < d; ++i) grad_w[i] += partial[wi * d + i];
+}
+
+}  // namespace
+
+extern "C" {
+
+// Bumped whenever an entry point's arguments change; the loader refuses a library of another version.
+int vlm_kernels_abi_version() { return 1; }
+
+#define VLM_SSD_BACKWARD(T, P)                                                                         \
+  backward<T, P>(d, x, dt, A, B, C, checkpoints, grad_y, grad_final, grad_x, grad_dt, grad_B, grad_C, grad_A, \
+                 grad_h0, threads)
+
+#define VLM_SSD_ENTRY_POINTS(T, SUFFIX)                                                                      \
+  int vlm_ssd_forward_##SUFFIX(int64_t b, int64_t L, int64_t h, int64_t p, int64_t g, int64_t n, int64_t K, \
+                               const T* x, const T* dt, const T* A, const T* B, const T* C, const T* h0,     \
+                               T* y, T* final_state, T* checkpoints, int threads) {                          \
+    const Dims d{b, L, h, p, g, n, K};                                                                       \
+    switch (p) {                                                                                             \
+      case 16: forward<T, 16>(d, x, dt, A, B, C, h0, y, final_state, checkpoints, threads); break;          \
+      case 32: forward<T, 32>(d, x, dt, A, B, C, h0, y, final_state, checkpoints, threads); break;          \
+      case 64: forward<T, 64>(d, x, dt, A, B, C, h0, y, final_state, checkpoints, threads); break;          \
+      default: forward<T, 0>(d, x, dt, A, B, C, h0, y, final_state, checkpoints, threads);                  \
+    }                                                                                                        \
+    return 0;                                                                                                \
+  }                                                                                                          \
+  int vlm_ssd_backward_##SUFFIX(int64_t b, int64_t L, int64_t h, int64_t p, int64_t g, int64_t n, int64_t K,  \
+                                const T* x, const T* dt, const T* A, const T* B, const T* C,                 \
+                                const T* checkpoints, const T* grad_y, const T* grad_final, T* grad_x,       \
+                                T* grad_dt, T* grad_B, T* grad_C, T* grad_A, T* grad_h0, int threads) {      \
+    const Dims d{b, L, h, p, g, n, K};                                                                       \
+    switch (p) {                                                                                             \
+      case 16: VLM_SSD_BACKWARD(T, 16); break;                                                                  \
+      case 32: VLM_SSD_BACKWARD(T, 32); break;                                                                  \
+      case 64: VLM_SSD_BACKWARD(T, 64); break;                                                                  \
+      default: VLM_SSD_BACKWARD(T, 0);                                                                          \
+    }                                                                                                        \
+    return 0;                                                                                                \
+  }
+
+VLM_SSD_ENTRY_POINTS(float, f32)
+VLM_SSD_ENTRY_POINTS(double, f64)
+
+}  // extern "C"
+
+extern "C" {
+
+#define VLM_CONV_ENTRY_POINTS(T, SUFFIX)                                                                     \
+  int vlm_conv_forward_##SUFFIX(int64_t b, int64_t L, int64_t c, int64_t k, const T* x, const T* w,          \
+                                const T* bias, const T* left, int silu, T* out, int threads) {               \
+    conv_forward<T>(b, L, c, k, x, w, bias, left, silu, out, threads);                                       \
+    return 0;                                                                                                \
+  }                                                                                                          \
+  int vlm_conv_backward_##SUFFIX(int64_t b, int64_t L, int64_t c, int64_t k, const T* x, const T* w,         \
+                                 const T* bias, const T* left, int silu, const T* grad_out, T* grad_x,       \
+                                 T* grad_w, T* grad_bias, T* grad_left, int threads) {                       \
+    conv_backward<T>(b, L, c, k, x, w, bias, left, silu, grad_out, grad_x, grad_w, grad_bias, grad_left,     \
+                     threads);                                                                               \
+    return 0;                                                                                                \
+  }
+
+VLM_CONV_ENTRY_POINTS(float, f32)
+VLM_CONV_ENTRY_POINTS(double, f64)
+
+}  // extern "C"
+
+extern "C" {
+
+#define VLM_NORM_ENTRY_POINTS(T, SUFFIX)                                                                     \
+  int vlm_rmsnorm_forward_##SUFFIX(int64_t rows, int64_t d, int64_t gs, const T* x, int64_t x_stride,        \
+                                   const T* z, int64_t z_stride, const T* w, double eps, T* out, T* rstd,    \
+                                   int threads) {                                                            \
+    rmsnorm_forward<T>(rows, d, gs, x, x_stride, z, z_stride, w, static_cast<T>(eps), out, rstd, threads);   \
+    return 0;                                                                                                \
+  }                                                                                                          \
+  int vlm_rmsnorm_backward_##SUFFIX(int64_t rows, int64_t d, int64_t gs, const T* x, int64_t x_stride,       \
+                                    const T* z, int64_t z_stride, const T* w, const T* rstd,                 \
+                                    const T* grad_out, T* grad_x, T* grad_z, T* grad_w, int threads) {       \
+    rmsnorm_backward<T>(rows, d, gs, x, x_stride, z, z_stride, w, rstd, grad_out, grad_x, grad_z, grad_w,    \
+                        threads);                                                                            \
+    return 0;                                                                                                \
+  }
+
+VLM_NORM_ENTRY_POINTS(float, f32)
+VLM_NORM_ENTRY_POINTS(double, f64)
+
+}  // extern "C"
