@@ -31,12 +31,15 @@ import torch
 _SOURCE = Path(__file__).with_name("csrc") / "mamba_cpu.cpp"
 _ABI_VERSION = 1
 # The flags are tried in order; a compiler that rejects one set gets the next (e.g. no -march=native).
+# -fopenmp: the kernels then run on the OpenMP pool torch already uses (libgomp, shared by name), so they
+# scale with torch.get_num_threads() without competing with torch's own workers; without it they run serially.
 _FLAG_SETS = (
+    ["-O3", "-march=native", "-fopenmp"],
+    ["-O3", "-fopenmp"],
     ["-O3", "-march=native", "-fopenmp-simd"],
-    ["-O3", "-fopenmp-simd"],
     ["-O3"],
 )
-_COMMON_FLAGS = ["-std=c++17", "-shared", "-fPIC", "-pthread"]
+_COMMON_FLAGS = ["-std=c++17", "-shared", "-fPIC"]
 # States are stored every _CHECKPOINT_STEPS steps in the forward pass and recomputed in between by the
 # backward pass: memory (b, h, l / K, p, n) against a (K + 1, p, n) buffer per thread.
 _CHECKPOINT_STEPS = 32

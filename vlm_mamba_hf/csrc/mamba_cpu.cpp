@@ -27,7 +27,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <vector>
 
 namespace {
@@ -39,23 +38,31 @@ struct Dims {
   int64_t group(int64_t head) const { return head / (h / g); }
 };
 
-// Runs f(task) for task in [0, total), split into contiguous ranges over `threads` threads.
+// Runs f(task) for task in [0, total), split into contiguous ranges over `threads` OpenMP threads. Built with
+// -fopenmp, this library links libgomp.so.1 by name and so shares the copy (and the thread pool) that torch
+// has already loaded: its workers are the ones torch's own ops use, not a second set competing with them for
+// the cores. Built without OpenMP, it runs serially.
 template <typename F>
 void parallel_for(int64_t total, int threads, F f) {
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, total));
-  auto run = [&](int64_t w) {
-    const int64_t begin = total * w / workers, end = total * (w + 1) / workers;
-    for (int64_t task = begin; task < end; ++task) f(task);
-  };
   if (workers == 1) {
-    run(0);
+    for (int64_t task = 0; task < total; ++task) f(task);
     return;
   }
-  std::vector<std::thread> pool;
-  pool.reserve(workers - 1);
-  for (int64_t w = 1; w < workers; ++w) pool.emplace_back(run, w);
-  run(0);
-  for (auto& t : pool) t.join();
+#pragma omp parallel for num_threads(static_cast<int>(workers)) schedule(static)
+  for (int64_t w = 0; w < workers; ++w) {
+    const int64_t begin = total * w / workers, end = total * (w + 1) / workers;
+    for (int64_t task = begin; task < end; ++task) f(task);
+  }
+}
+
+// Rows of one (batch, head) pair are h * p values apart in time; the hardware prefetcher does not follow
+// that reliably, so the loops ask for the row a few steps ahead.
+constexpr int64_t kPrefetchSteps = 4;
+
+template <typename T>
+inline void prefetch_row(const T* row, int64_t count) {
+  for (int64_t i = 0; i < count; i += 64 / sizeof(T)) __builtin_prefetch(row + i);
 }
 
 // Inside the kernels a state is held transposed, (n, p): every update is then a vertical multiply-add over p
@@ -78,23 +85,34 @@ inline void step_state(const Dims& d, T* S, const T* prev, T decay, T step, cons
                        const T* Ct, T* yt, T* u) {
   const int64_t p = P ? P : d.p;
   for (int64_t i = 0; i < p; ++i) u[i] = step * xt[i];
-  if (yt) std::fill(yt, yt + p, T(0));
+  if (!yt) {
+    for (int64_t j = 0; j < d.n; ++j) {
+      const T bj = Bt[j];
+      const T* Pj = prev + j * p;
+      T* Sj = S + j * p;
+#pragma omp simd
+      for (int64_t i = 0; i < p; ++i) Sj[i] = decay * Pj[i] + bj * u[i];
+    }
+    return;
+  }
+  // y is summed in a local array (registers when head_dim is a compile-time size): summing it in the output
+  // row would make every j wait for the previous j's store.
+  constexpr int64_t kLocal = P > 0 ? P : 1;
+  T acc_local[kLocal];
+  T* acc = P > 0 ? acc_local : yt;
+  for (int64_t i = 0; i < p; ++i) acc[i] = 0;
   for (int64_t j = 0; j < d.n; ++j) {
     const T bj = Bt[j], cj = Ct[j];
     const T* Pj = prev + j * p;
     T* Sj = S + j * p;
-    if (yt) {
 #pragma omp simd
-      for (int64_t i = 0; i < p; ++i) {
-        const T s = decay * Pj[i] + bj * u[i];
-        Sj[i] = s;
-        yt[i] += cj * s;
-      }
-    } else {
-#pragma omp simd
-      for (int64_t i = 0; i < p; ++i) Sj[i] = decay * Pj[i] + bj * u[i];
+    for (int64_t i = 0; i < p; ++i) {
+      const T s = decay * Pj[i] + bj * u[i];
+      Sj[i] = s;
+      acc[i] += cj * s;
     }
   }
+  if (P > 0) std::memcpy(yt, acc, p * sizeof(T));
 }
 
 template <typename T, int P>
@@ -109,6 +127,7 @@ void forward(const Dims& d, const T* x, const T* dt, const T* A, const T* B, con
     for (int64_t t = 0; t < d.L; ++t) {
       if (checkpoints && t % d.K == 0) std::memcpy(checkpoints + (bh * segments + t / d.K) * pn, S, pn * sizeof(T));
       const int64_t row = bi * d.L + t;
+      if (t + kPrefetchSteps < d.L) prefetch_row(x + ((row + kPrefetchSteps) * d.h + hi) * d.p, d.p);
       const T step = dt[row * d.h + hi];
       step_state<T, P>(d, S, S, static_cast<T>(std::exp(step * A[hi])), step, x + (row * d.h + hi) * d.p,
                  B + (row * d.g + gi) * d.n, C + (row * d.g + gi) * d.n, y + (row * d.h + hi) * d.p, u.data());
@@ -119,6 +138,98 @@ void forward(const Dims& d, const T* x, const T* dt, const T* A, const T* B, con
 
 // grad_y and grad_final may be null (no gradient reached them). grad_B and grad_C are per head,
 // (b, L, h, n), and grad_A per (batch, head), (b, h): the caller sums them over a group's heads and the batch.
+// The backward step over the state dimension with head_dim P a whole number of 64-byte vectors, written
+// with GCC/Clang vector types: the accumulators over j (dL/du and dL/da per head_dim channel) stay in
+// registers, where the plain loop kept them in memory and every j waited on the previous j's store. Same
+// arithmetic, per element, as the plain loop.
+constexpr size_t kVecBytes = 64;
+
+typedef float VecF __attribute__((vector_size(kVecBytes)));
+typedef double VecD __attribute__((vector_size(kVecBytes)));
+
+template <typename T>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  using type = VecF;
+};
+template <>
+struct VecOf<double> {
+  using type = VecD;
+};
+template <typename T>
+using Vec = typename VecOf<T>::type;
+
+template <typename T>
+inline Vec<T> load_vec(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+inline void store_vec(T* p, Vec<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// Sums of a vector's lanes by halving (a tree of vector adds, not a chain of scalar ones).
+typedef float VecF8 __attribute__((vector_size(32)));
+typedef float VecF4 __attribute__((vector_size(16)));
+typedef double VecD4 __attribute__((vector_size(32)));
+typedef double VecD2 __attribute__((vector_size(16)));
+
+template <typename Half, typename Full>
+inline Half fold(Full v) {
+  Half lo, hi;
+  std::memcpy(&lo, &v, sizeof(Half));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(Half), sizeof(Half));
+  return lo + hi;
+}
+
+inline float sum_lanes(VecF v) {
+  const VecF4 q = fold<VecF4>(fold<VecF8>(v));
+  return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+inline double sum_lanes(VecD v) {
+  const VecD2 q = fold<VecD2>(fold<VecD4>(v));
+  return q[0] + q[1];
+}
+
+template <typename T, int P>
+inline void backward_step_vec(int64_t n, const T* S_t, const T* S_prev, T* G, const T* dy, const T* u,
+                              const T* Bt, const T* Ct, T decay, T* gB, T* gC, T* g_u, T* g_a) {
+  constexpr int lanes = kVecBytes / sizeof(T), nv = P / lanes;
+  Vec<T> vdy[nv], vu[nv], vgu[nv], vga[nv];
+  for (int v = 0; v < nv; ++v) {
+    vdy[v] = load_vec(dy + v * lanes);
+    vu[v] = load_vec(u + v * lanes);
+    vgu[v] = Vec<T>{};
+    vga[v] = Vec<T>{};
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const T bj = Bt[j], cj = Ct[j];
+    const T* Sj = S_t + j * P;
+    const T* Pj = S_prev + j * P;
+    T* Gj = G + j * P;
+    Vec<T> gc{}, gb{};
+    for (int v = 0; v < nv; ++v) {
+      gc += vdy[v] * load_vec(Sj + v * lanes);               // y_t = S_t^T C_t
+      const Vec<T> g = load_vec(Gj + v * lanes) + cj * vdy[v];  // dL/dS_t: from y_t and from S_{t+1}
+      gb += g * vu[v];                                       // S_t = a S_{t-1} + B_t u^T
+      vgu[v] += bj * g;
+      vga[v] += g * load_vec(Pj + v * lanes);
+      store_vec(Gj + v * lanes, g * decay);                  // dL/dS_{t-1} through S_t
+    }
+    gC[j] = sum_lanes(gc);
+    gB[j] = sum_lanes(gb);
+  }
+  for (int v = 0; v < nv; ++v) {
+    store_vec(g_u + v * lanes, vgu[v]);
+    store_vec(g_a + v * lanes, vga[v]);
+  }
+}
+
 template <typename T, int P>
 void backward(const Dims& d, const T* x, const T* dt, const T* A, const T* B, const T* C, const T* checkpoints,
               const T* grad_y, const T* grad_final, T* grad_x, T* grad_dt, T* grad_B, T* grad_C, T* grad_A,
@@ -127,8 +238,15 @@ void backward(const Dims& d, const T* x, const T* dt, const T* A, const T* B, co
   parallel_for(d.b * d.h, threads, [&](int64_t bh) {
     const int64_t bi = bh / d.h, hi = bh % d.h, gi = d.group(hi);
     const T a_coef = A[hi];
-    std::vector<T> G_buf(pn, T(0)), states((d.K + 1) * pn), decays(d.K), u(d.p), zeros(d.p, T(0));
-    std::vector<T> g_u(d.p), g_a(d.p);
+    std::vector<T> G_buf(pn, T(0)), states((d.K + 1) * pn), decays(d.K), u_buf(d.p), zeros(d.p, T(0));
+    // With head_dim known at compile time the per-step vectors are local arrays the compiler keeps in
+    // registers across the loop over the state dimension.
+    constexpr int64_t kLocal = P > 0 ? P : 1;
+    T u_local[kLocal], g_u_local[kLocal], g_a_local[kLocal];
+    std::vector<T> g_u_buf(P > 0 ? 0 : d.p), g_a_buf(P > 0 ? 0 : d.p);
+    T* u = P > 0 ? u_local : u_buf.data();
+    T* g_u = P > 0 ? g_u_local : g_u_buf.data();
+    T* g_a = P > 0 ? g_a_local : g_a_buf.data();
     T* G = G_buf.data();
     if (grad_final) load_transposed(d, grad_final + bh * pn, G);
     T g_A = 0;
@@ -137,14 +255,17 @@ void backward(const Dims& d, const T* x, const T* dt, const T* A, const T* B, co
       std::memcpy(states.data(), checkpoints + (bh * segments + seg) * pn, pn * sizeof(T));
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t row = bi * d.L + t, k = t - t0;
+        if (t + kPrefetchSteps < t1) prefetch_row(x + ((row + kPrefetchSteps) * d.h + hi) * d.p, d.p);
         const T step = dt[row * d.h + hi];
         decays[k] = static_cast<T>(std::exp(step * a_coef));
         step_state<T, P>(d, states.data() + (k + 1) * pn, states.data() + k * pn, decays[k], step,
                    x + (row * d.h + hi) * d.p, B + (row * d.g + gi) * d.n, C + (row * d.g + gi) * d.n,
-                   static_cast<T*>(nullptr), u.data());
+                   static_cast<T*>(nullptr), u);
       }
       for (int64_t t = t1 - 1; t >= t0; --t) {
         const int64_t row = bi * d.L + t, k = t - t0;
+        if (t - kPrefetchSteps >= 0 && grad_y) prefetch_row(grad_y + ((row - kPrefetchSteps) * d.h + hi) * d.p, d.p);
+        if (t - kPrefetchSteps >= t0) prefetch_row(x + ((row - kPrefetchSteps) * d.h + hi) * d.p, d.p);
         const T step = dt[row * d.h + hi], decay = decays[k];
         const T* S_prev = states.data() + k * pn;
         const T* S_t = S_prev + pn;
@@ -155,26 +276,32 @@ void backward(const Dims& d, const T* x, const T* dt, const T* A, const T* B, co
         T* gB = grad_B + (row * d.h + hi) * d.n;
         T* gC = grad_C + (row * d.h + hi) * d.n;
         const int64_t p = P ? P : d.p;
-        for (int64_t i = 0; i < p; ++i) u[i] = step * xt[i];
-        std::fill(g_u.begin(), g_u.end(), T(0));
-        std::fill(g_a.begin(), g_a.end(), T(0));
-        for (int64_t j = 0; j < d.n; ++j) {
-          const T bj = Bt[j], cj = Ct[j];
-          const T* Sj = S_t + j * p;
-          const T* Pj = S_prev + j * p;
-          T* Gj = G + j * p;
-          T gc = 0, gb = 0;
+        for (int64_t i = 0; i < p; ++i) {
+          u[i] = step * xt[i];
+          g_u[i] = 0;
+          g_a[i] = 0;
+        }
+        if constexpr (P > 0 && (P * sizeof(T)) % kVecBytes == 0) {
+          backward_step_vec<T, P>(d.n, S_t, S_prev, G, dy, u, Bt, Ct, decay, gB, gC, g_u, g_a);
+        } else {
+          for (int64_t j = 0; j < d.n; ++j) {
+            const T bj = Bt[j], cj = Ct[j];
+            const T* Sj = S_t + j * p;
+            const T* Pj = S_prev + j * p;
+            T* Gj = G + j * p;
+            T gc = 0, gb = 0;
 #pragma omp simd reduction(+ : gc, gb)
-          for (int64_t i = 0; i < p; ++i) {
-            gc += dy[i] * Sj[i];               // y_t = S_t^T C_t
-            const T g = Gj[i] + cj * dy[i];    // dL/dS_t: from y_t and from S_{t+1}
-            gb += g * u[i];                    // S_t = a S_{t-1} + B_t u^T
-            g_u[i] += bj * g;
-            g_a[i] += g * Pj[i];
-            Gj[i] = g * decay;                 // dL/dS_{t-1} through S_t
+            for (int64_t i = 0; i < p; ++i) {
+              gc += dy[i] * Sj[i];               // y_t = S_t^T C_t
+              const T g = Gj[i] + cj * dy[i];    // dL/dS_t: from y_t and from S_{t+1}
+              gb += g * u[i];                    // S_t = a S_{t-1} + B_t u^T
+              g_u[i] += bj * g;
+              g_a[i] += g * Pj[i];
+              Gj[i] = g * decay;                 // dL/dS_{t-1} through S_t
+            }
+            gC[j] = gc;
+            gB[j] = gb;
           }
-          gC[j] = gc;
-          gB[j] = gb;
         }
         T g_step = 0, g_decay = 0;
         T* gx = grad_x + (row * d.h + hi) * d.p;
