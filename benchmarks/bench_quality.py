@@ -15,6 +15,8 @@ JSON).
 Training throughput is also measured side by side: after a warm-up, both models alternate training
 steps (forward + backward + AdamW step) on the same batches; the median examples/s and the ratio are
 reported, which holds on a shared machine where the absolute speed of two sequential runs does not.
+VLMamba runs twice in the alternation when the fused CPU kernels (`vlm_mamba_hf.cpu_kernels`) build: with
+them, and on the pure-PyTorch path.
 
     python -m benchmarks.bench_quality                        # train LLaVA; VLMamba's row from the default model
     python -m benchmarks.bench_quality --train-vlmamba        # retrain VLMamba too, in the same process
@@ -42,6 +44,7 @@ from transformers import (
     set_seed,
 )
 
+from vlm_mamba_hf.cpu_kernels import kernels_available_for, set_cpu_kernels_enabled
 from vlm_mamba_hf.modeling_vlm_mamba import VLMambaForConditionalGeneration
 from vlm_mamba_hf.processing_vlm_mamba import VLMambaProcessor
 from vlm_mamba_hf.training.collator import VLMambaDataCollator
@@ -249,16 +252,23 @@ def side_by_side_throughput(
     }
     optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
+    # VLMamba a second time with the fused CPU kernels off: the pure-PyTorch path, in the same alternation.
+    runs = [(name, name, None) for name in models]
+    if "vlmamba" in models and kernels_available_for(torch.empty(0)):
+        runs.insert(1, ("vlmamba", "vlmamba_pytorch_path", False))
+        times["vlmamba_pytorch_path"] = []
     for index in range(len(examples)):
-        for name, model in models.items():
-            batch = batches[name][index]
+        for name, key, kernels in runs:
+            model, batch = models[name], batches[name][index]
             model.train()
+            set_cpu_kernels_enabled(kernels)
             start = time.perf_counter()
             model(**batch).loss.backward()
             optimizers[name].step()
             optimizers[name].zero_grad()
             if index >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[key].append(time.perf_counter() - start)
+            set_cpu_kernels_enabled(None)
     out = {
         name: {
             "median_step_seconds": statistics.median(t),
@@ -269,6 +279,11 @@ def side_by_side_throughput(
     out["ratio_vlmamba_over_llava"] = (
         out["vlmamba"]["examples_per_second"] / out["llava"]["examples_per_second"]
     )
+    if "vlmamba_pytorch_path" in out:
+        out["ratio_vlmamba_pytorch_path_over_llava"] = (
+            out["vlmamba_pytorch_path"]["examples_per_second"] / out["llava"]["examples_per_second"]
+        )
+    out["threads"] = torch.get_num_threads()
     out["steps"] = steps
     return out
 
@@ -299,6 +314,12 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"\nTraining throughput, side by side: VLMamba {speed['vlmamba']['examples_per_second']:.1f} ex/s, "
             f"LLaVA {speed['llava']['examples_per_second']:.1f} ex/s (ratio {speed['ratio_vlmamba_over_llava']:.2f}x)."
         )
+        if "vlmamba_pytorch_path" in speed:
+            lines.append(
+                f"VLMamba without the fused CPU kernels (pure-PyTorch path): "
+                f"{speed['vlmamba_pytorch_path']['examples_per_second']:.1f} ex/s "
+                f"({speed['ratio_vlmamba_pytorch_path_over_llava']:.2f}x LLaVA)."
+            )
     return "\n".join(lines)
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from vlm_mamba_hf import cpu_kernels
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Each script's smoke flags; bench_gpu's --smoke runs its GPU cases with tiny models on CPU (no mamba_ssm).
 SCRIPTS = {
@@ -118,3 +120,7 @@ def test_quick_quality_run_trains_both_models_and_writes_the_table(quick_runs):
         assert abs(theirs - ours) / ours <= 0.10, part
     assert data["throughput"]["ratio_vlmamba_over_llava"] > 0
     assert "| vlmamba |" in data["table"] and "| llava |" in data["table"]
+    # Where the fused CPU kernels build, the same alternation also times VLMamba on the pure-PyTorch path.
+    if cpu_kernels.load_library() is not None:
+        assert data["throughput"]["vlmamba_pytorch_path"]["examples_per_second"] > 0
+        assert "pure-PyTorch path" in data["table"]
