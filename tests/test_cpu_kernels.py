@@ -212,13 +212,13 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
         cpu_kernels._reset_for_tests()
 
 
-def test_the_library_is_cached_under_a_name_that_hashes_the_source(monkeypatch, tmp_path):
+def test_the_library_is_cached_under_a_name_that_hashes_the_source_and_the_cpu(monkeypatch, tmp_path):
     monkeypatch.setenv("VLM_MAMBA_KERNEL_CACHE", str(tmp_path))
     cpu_kernels._reset_for_tests()
     try:
         assert cpu_kernels.load_library() is not None
         built = sorted(tmp_path.glob("mamba_cpu-*.so"))
-        assert len(built) == 1 and not list(tmp_path.glob("*.tmp*"))
+        assert len(built) == 1 and sorted(tmp_path.iterdir()) == built  # no temporary file left behind
         cpu_kernels._reset_for_tests()
         assert cpu_kernels.load_library() is not None  # found, not rebuilt
         assert sorted(tmp_path.glob("mamba_cpu-*.so")) == built
@@ -228,6 +228,10 @@ def test_the_library_is_cached_under_a_name_that_hashes_the_source(monkeypatch, 
         cpu_kernels._reset_for_tests()
         assert cpu_kernels.load_library() is not None
         assert len(list(tmp_path.glob("mamba_cpu-*.so"))) == 2  # an edited source never loads the old build
+        monkeypatch.setattr(cpu_kernels, "_cpu_signature", lambda: "another CPU")
+        cpu_kernels._reset_for_tests()
+        assert cpu_kernels.load_library() is not None
+        assert len(list(tmp_path.glob("mamba_cpu-*.so"))) == 3  # nor does another CPU (-march=native)
     finally:
         cpu_kernels._reset_for_tests()
 
@@ -300,3 +304,95 @@ def test_fused_norm_fp64_against_the_formula():
     leaves = [t.clone().requires_grad_() for t in (x, weight, gate)]
     assert torch.autograd.gradcheck(lambda a, w, g: cpu_kernels.rms_norm_cpu(a, w, 1e-6, g, 4), leaves)
     assert torch.autograd.gradcheck(lambda a, w: cpu_kernels.rms_norm_cpu(a, w, 1e-6), leaves[:2])
+
+
+def _sequential_s6(u, delta, A, B, C, h0):
+    """The Mamba-1 recurrence one step at a time, in the inputs' dtype (fp64 here)."""
+    state, ys = h0, []
+    for t in range(u.shape[-1]):
+        state = (
+            torch.exp(delta[:, :, t, None] * A) * state
+            + (delta[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]
+        )
+        ys.append((state * C[:, None, :, t]).sum(-1))
+    return torch.stack(ys, -1), state
+
+
+@pytest.mark.parametrize("b,d,length,n", [(2, 5, 37, 4), (1, 3, 1, 16), (2, 6, 70, 16), (3, 2, 33, 7)])
+def test_fused_selective_scan_matches_sequential_fp64(b, d, length, n):
+    gen = torch.Generator().manual_seed(length)
+    inputs = [
+        torch.randn(b, d, length, generator=gen, dtype=torch.float64),
+        torch.rand(b, d, length, generator=gen, dtype=torch.float64),
+        -2 * torch.rand(d, n, generator=gen, dtype=torch.float64),
+        torch.randn(b, n, length, generator=gen, dtype=torch.float64),
+        torch.randn(b, n, length, generator=gen, dtype=torch.float64),
+        torch.randn(b, d, n, generator=gen, dtype=torch.float64),
+    ]
+    upstream_y = torch.randn(b, d, length, generator=gen, dtype=torch.float64)
+    upstream_state = torch.randn(b, d, n, generator=gen, dtype=torch.float64)
+    results = []
+    for fn in (_sequential_s6, cpu_kernels.selective_scan_cpu):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        y, state = fn(*leaves)
+        grads = torch.autograd.grad((y * upstream_y).sum() + (state * upstream_state).sum(), leaves)
+        results.append((y, state, grads))
+    (y_ref, state_ref, grads_ref), (y, state, grads) = results
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(state, state_ref, rtol=1e-10, atol=1e-10)
+    for name, got, want in zip(("u", "delta", "A", "B", "C", "h0"), grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=f"grad of {name}")
+
+
+def test_fused_selective_scan_gradcheck_and_threads():
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(1, 2, 6), (1, 2, 6), (2, 3), (1, 3, 6), (1, 3, 6), (1, 2, 3)]
+    inputs = [torch.randn(*s, generator=gen, dtype=torch.float64) for s in shapes]
+    inputs[1], inputs[2] = inputs[1].abs(), -inputs[2].abs()
+    assert torch.autograd.gradcheck(cpu_kernels.selective_scan_cpu, [t.requires_grad_() for t in inputs])
+    big = [torch.randn(3, 40, 50), torch.rand(3, 40, 50), -torch.rand(40, 16), torch.randn(3, 16, 50)]
+    big += [torch.randn(3, 16, 50), torch.randn(3, 40, 16)]
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            leaves = [t.clone().requires_grad_() for t in big]
+            y, state = cpu_kernels.selective_scan_cpu(*leaves)
+            runs.append((y, state, torch.autograd.grad(y.sin().sum() + state.sum(), leaves)))
+    finally:
+        torch.set_num_threads(threads)
+    (y1, s1, g1), (y3, s3, g3) = runs
+    assert torch.equal(y1, y3) and torch.equal(s1, s3)
+    for a, c in zip(g1, g3):  # B and C gradients are summed per thread, then added: equal up to rounding
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+
+
+def test_selective_scan_dispatch_uses_the_kernel_and_matches_the_reference(monkeypatch):
+    from vlm_mamba_hf import ssm_ops
+
+    calls = []
+    real = ssm_ops.selective_scan_cpu
+    monkeypatch.setattr(ssm_ops, "selective_scan_cpu", lambda *a: calls.append(1) or real(*a))
+    gen = torch.Generator().manual_seed(12)
+    b, d, length, n = 2, 8, 45, 16
+    args = [torch.randn(b, d, length, generator=gen), torch.randn(b, d, length, generator=gen)]
+    args += [-torch.rand(d, n, generator=gen), torch.randn(b, n, length, generator=gen)]
+    args += [torch.randn(b, n, length, generator=gen)]
+    extras = dict(
+        D=torch.randn(d, generator=gen),
+        z=torch.randn(b, d, length, generator=gen),
+        delta_bias=torch.randn(d, generator=gen),
+        initial_state=torch.randn(b, d, n, generator=gen),
+    )
+    results = []
+    for fn in (ssm_ops.selective_scan_ref, ssm_ops.selective_scan):
+        leaves = [t.clone().requires_grad_() for t in args + list(extras.values())]
+        kw = dict(zip(extras, leaves[5:]))
+        y, state = fn(*leaves[:5], **kw, delta_softplus=True, return_final_state=True)
+        results.append((y, state, torch.autograd.grad((y * y.detach().cos()).sum() + state.sum(), leaves)))
+    assert calls == [1]
+    (y_ref, s_ref, g_ref), (y, s, g) = results
+    assert _rel(y_ref, y) < 1e-5 and _rel(s_ref, s) < 1e-5
+    for a, c in zip(g_ref, g):
+        assert _rel(a, c) < 1e-4

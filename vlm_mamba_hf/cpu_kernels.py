@@ -7,8 +7,8 @@ any compiler/ABI problem leaves the PyTorch path in place.
 
 Building: on first use the source is compiled with `$CXX` (else `c++`, `g++` or `clang++`) into
 `$VLM_MAMBA_KERNEL_CACHE` (default: `$XDG_CACHE_HOME/vlm_mamba_hf/kernels`, else `~/.cache/...`), under a
-name that hashes the source, the flags and the machine, so an edited source or another CPU never loads a
-stale library. If no compiler is found or the build fails, a warning says so once and the PyTorch path is
+name that hashes the source, the compiler, the flags and the CPU (model and feature flags), so an edited
+source or another CPU never loads a stale library. If no compiler is found or the build fails, a warning says so once and the PyTorch path is
 used. `VLM_MAMBA_CPU_KERNELS=0` turns the kernels off (no build is tried); `set_cpu_kernels_enabled` does the
 same from Python.
 """
@@ -79,21 +79,33 @@ def _compiler() -> str | None:
     return None
 
 
+def _cpu_signature() -> str:
+    """What -march=native compiles for: the machine type and, on Linux, the CPU's model and feature flags, so
+    that a cache shared between machines (a network home directory) never hands one CPU another's build."""
+    signature = [platform.machine(), platform.processor()]
+    try:
+        with open("/proc/cpuinfo") as info:
+            lines = [
+                line for line in info if line.startswith(("model name", "flags", "Features", "CPU part"))
+            ]
+        signature += sorted(set(lines))
+    except OSError:
+        pass
+    return "\n".join(signature)
+
+
 def _build(compiler: str, directory: Path) -> Path:
     """Compile the source into `directory` (or find it built there); returns the library's path."""
     source = _SOURCE.read_bytes()
     errors = []
     for flags in _FLAG_SETS:
-        key = hashlib.sha256(
-            b"\0".join(
-                [
-                    source,
-                    compiler.encode(),
-                    " ".join(flags + _COMMON_FLAGS).encode(),
-                    platform.machine().encode(),
-                ]
-            )
-        ).hexdigest()[:16]
+        parts = [
+            source,
+            compiler.encode(),
+            " ".join(flags + _COMMON_FLAGS).encode(),
+            _cpu_signature().encode(),
+        ]
+        key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
         target = directory / f"mamba_cpu-{key}.so"
         if target.exists():
             return target
@@ -136,6 +148,12 @@ def _declare(library: ctypes.CDLL) -> None:
         norm_backward = getattr(library, f"vlm_rmsnorm_backward_{suffix}")
         norm_backward.argtypes = [i64] * 3 + [ptr, i64, ptr, i64] + [ptr] * 6 + [ctypes.c_int]
         norm_backward.restype = ctypes.c_int
+        s6_forward = getattr(library, f"vlm_s6_forward_{suffix}")
+        s6_forward.argtypes = [i64] * 5 + [ptr] * 9 + [ctypes.c_int]
+        s6_forward.restype = ctypes.c_int
+        s6_backward = getattr(library, f"vlm_s6_backward_{suffix}")
+        s6_backward.argtypes = [i64] * 5 + [ptr] * 14 + [ctypes.c_int]
+        s6_backward.restype = ctypes.c_int
 
 
 def load_library() -> ctypes.CDLL | None:
@@ -387,3 +405,69 @@ def rms_norm_cpu(x, weight, eps: float, gate=None, group_size: int | None = None
     (..., d) and weight (d,) of one dtype, fp32 or fp64. Differentiable."""
     group_size = group_size or x.shape[-1]
     return _RMSNormCPUFn.apply(x, gate, weight.contiguous(), group_size, float(eps))
+
+
+class _SelectiveScanCPUFn(torch.autograd.Function):
+    """The Mamba-1 selective scan: u, delta (b, d, l) and B, C (b, l, n) contiguous, A (d, n), h0 (b, d, n)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, h0):
+        library = load_library()
+        b, d, length = u.shape
+        n = A.shape[1]
+        suffix = "f64" if u.dtype == torch.float64 else "f32"
+        K = _CHECKPOINT_STEPS
+        needs_grad = any(ctx.needs_input_grad)
+        y, final = torch.empty_like(u), torch.empty_like(h0)
+        checkpoints = u.new_empty(b, d, (length + K - 1) // K, n) if needs_grad else None
+        getattr(library, f"vlm_s6_forward_{suffix}")(
+            b,
+            d,
+            length,
+            n,
+            K,
+            *map(_ptr, (u, delta, A, B, C, h0, y, final, checkpoints)),
+            torch.get_num_threads(),
+        )
+        if needs_grad:
+            ctx.save_for_backward(u, delta, A, B, C, checkpoints)
+        return y, final
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_final):
+        library = load_library()
+        u, delta, A, B, C, checkpoints = ctx.saved_tensors
+        b, d, length = u.shape
+        n = A.shape[1]
+        suffix = "f64" if u.dtype == torch.float64 else "f32"
+        threads = torch.get_num_threads()
+        workers = max(1, min(threads, b * d))
+        grad_y = None if grad_y is None else grad_y.to(u.dtype).contiguous()
+        grad_final = None if grad_final is None else grad_final.to(u.dtype).contiguous()
+        grad_u, grad_delta = torch.empty_like(u), torch.empty_like(delta)
+        grad_A, grad_h0 = u.new_empty(b, d, n), u.new_empty(b, d, n)
+        grad_B, grad_C = u.new_empty(workers, b, length, n), u.new_empty(workers, b, length, n)
+        getattr(library, f"vlm_s6_backward_{suffix}")(
+            b,
+            d,
+            length,
+            n,
+            _CHECKPOINT_STEPS,
+            *map(_ptr, (u, delta, A, B, C, checkpoints, grad_y, grad_final)),
+            *map(_ptr, (grad_u, grad_delta, grad_A, grad_B, grad_C, grad_h0)),
+            threads,
+        )
+        return grad_u, grad_delta, grad_A.sum(0), grad_B.sum(0), grad_C.sum(0), grad_h0
+
+
+def selective_scan_cpu(u, delta, A, B, C, h0):
+    """y (b, d, l) without the skip and gate, and the final state (b, d, n); u, delta (b, d, l), B, C
+    (b, n, l), A (d, n), h0 (b, d, n), all in the compute dtype (fp32 or fp64) with delta final. Differentiable."""
+    return _SelectiveScanCPUFn.apply(
+        u.contiguous(),
+        delta.contiguous(),
+        A.contiguous(),
+        B.transpose(1, 2).contiguous(),
+        C.transpose(1, 2).contiguous(),
+        h0.contiguous(),
+    )

@@ -21,6 +21,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from .cpu_kernels import kernels_available_for, load_library, selective_scan_cpu
+
 _KERNELS: dict[str, object] | None = None
 _WARNED_MISSING_KERNELS = False
 
@@ -344,6 +346,36 @@ def selective_scan_torch(
     return (y, h_last) if return_final_state else y
 
 
+def selective_scan_fused_cpu(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+):
+    """The fused CPU kernel (`cpu_kernels`), differentiable; same contract as `selective_scan_ref` (fp32
+    compute, fp64 for fp64 inputs). Raises when the kernel is not built."""
+    if load_library() is None:
+        raise RuntimeError("The fused CPU scan kernel is not available; use selective_scan_torch.")
+    ctype = torch.promote_types(u.dtype, torch.float32)
+    b, d, _ = u.shape
+    delta = delta.to(ctype)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(ctype)[..., None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    h0 = u.new_zeros(b, d, A.shape[1], dtype=ctype) if initial_state is None else initial_state.to(ctype)
+    y, h_last = selective_scan_cpu(u.to(ctype), delta, A.to(ctype), B.to(ctype), C.to(ctype), h0)
+    y = _finish(y, u, D, z, u.dtype)
+    return (y, h_last) if return_final_state else y
+
+
 def _last_dim_contiguous(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
@@ -386,6 +418,10 @@ def selective_scan(
             y, last = out
             return y, last.float()
         return out
+    if kernels_available_for(u):
+        return selective_scan_fused_cpu(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state
+        )
     return selective_scan_torch(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state
     )

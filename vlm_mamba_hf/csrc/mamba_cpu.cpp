@@ -1,5 +1,6 @@
-// Fused CPU kernels for the Mamba-2 mixer's training and prefill: the sequential SSD scan and the causal
-// depthwise conv1d with its SiLU, forward and backward.
+// Fused CPU kernels for the Mamba mixers' training and prefill: the sequential Mamba-2 (SSD) scan, the
+// Mamba-1 selective scan, the causal depthwise conv1d with its SiLU and the (gated) RMSNorm, forward and
+// backward.
 //
 // Plain C ABI (called through ctypes, no torch headers), built once per machine by
 // vlm_mamba_hf/cpu_kernels.py with the system C++ compiler. Same contract as ops_ssd.ssd_scan_ref with dt
@@ -14,6 +15,13 @@
 // the backward pass walks the segments from the last, recomputes the K states of a segment from its
 // checkpoint, then steps back through them carrying G = dL/dS_t. One (batch, head) pair per task.
 //
+// The selective scan (Mamba-1), one (batch, channel) pair per task, state (n,):
+//
+//   a_t = exp(delta_t * A)                   A: (n,) per channel
+//   S_t = a_t * S_{t-1} + delta_t u_t B_t     y_t = S_t . C_t
+//
+// with u, delta (b, d, L) and B, C given time-major as (b, L, n); checkpoints as for the SSD scan.
+//
 // The conv: out_t = act(bias + sum_j w_j * e_{t+j}) over the rows of e = [left (k-1 rows); x (L rows)], per
 // channel, with x (b, L, c) channels last and w given as (k, c). The backward pass recomputes the
 // pre-activation.
@@ -27,6 +35,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -518,6 +527,145 @@ void rmsnorm_backward(int64_t rows, int64_t d, int64_t gs, const T* x, int64_t x
     for (int64_t i = 0; i < d; ++i) grad_w[i] += partial[wi * d + i];
 }
 
+
+template <typename T>
+inline T exp_any(T v) {
+  if constexpr (std::is_same_v<T, float>) return exp_vec(v);
+  else return std::exp(v);
+}
+
+// The forward pass runs kV channels side by side (one vector register of each quantity): every operation
+// of a step is then a vertical vector operation, with no sum across a vector's lanes, and the n states of
+// the block stay in registers. A task copies its channels' rows into time-major local buffers first.
+template <typename T>
+void s6_forward(int64_t b, int64_t d, int64_t L, int64_t n, int64_t K, const T* u, const T* delta, const T* A,
+                const T* B, const T* C, const T* h0, T* y, T* final_state, T* checkpoints, int threads) {
+  constexpr int64_t kV = 64 / sizeof(T);
+  const int64_t segments = (L + K - 1) / K, blocks = (d + kV - 1) / kV;
+  parallel_for(b * blocks, threads, [&](int64_t task) {
+    const int64_t bi = task / blocks, d0 = (task % blocks) * kV, vb = std::min(kV, d - d0);
+    // Lanes past the last channel hold zeros: u = delta = 0 leaves their state at zero, and nothing of
+    // them is written back.
+    std::vector<T> U(L * kV, T(0)), DL(L * kV, T(0)), Y(L * kV), AT(n * kV, T(0)), S(n * kV, T(0));
+    for (int64_t v = 0; v < vb; ++v) {
+      const int64_t row = bi * d + d0 + v;
+      for (int64_t t = 0; t < L; ++t) {
+        U[t * kV + v] = u[row * L + t];
+        DL[t * kV + v] = delta[row * L + t];
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        AT[j * kV + v] = A[(d0 + v) * n + j];
+        S[j * kV + v] = h0[row * n + j];
+      }
+    }
+    for (int64_t t = 0; t < L; ++t) {
+      if (checkpoints && t % K == 0)
+        for (int64_t v = 0; v < vb; ++v)
+          for (int64_t j = 0; j < n; ++j)
+            checkpoints[(((bi * d + d0 + v) * segments) + t / K) * n + j] = S[j * kV + v];
+      const T* dl = DL.data() + t * kV;
+      const T* ut = U.data() + t * kV;
+      const T* Bt = B + (bi * L + t) * n;
+      const T* Ct = C + (bi * L + t) * n;
+      T acc[kV], x[kV];
+#pragma omp simd
+      for (int64_t v = 0; v < kV; ++v) {
+        acc[v] = 0;
+        x[v] = dl[v] * ut[v];
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        const T bj = Bt[j], cj = Ct[j];
+        T* Sj = S.data() + j * kV;
+        const T* Aj = AT.data() + j * kV;
+#pragma omp simd
+        for (int64_t v = 0; v < kV; ++v) {
+          const T s = exp_any(dl[v] * Aj[v]) * Sj[v] + x[v] * bj;
+          Sj[v] = s;
+          acc[v] += s * cj;
+        }
+      }
+      std::memcpy(Y.data() + t * kV, acc, sizeof(acc));
+    }
+    for (int64_t v = 0; v < vb; ++v) {
+      const int64_t row = bi * d + d0 + v;
+      for (int64_t t = 0; t < L; ++t) y[row * L + t] = Y[t * kV + v];
+      for (int64_t j = 0; j < n; ++j) final_state[row * n + j] = S[j * kV + v];
+    }
+  });
+}
+
+// grad_y, grad_final may be null. Outputs: grad_u, grad_delta (b, d, L); grad_A per (batch, channel),
+// (b, d, n); grad_B and grad_C per worker, (workers, b, L, n), each worker summing over its channels (the
+// caller adds the workers up); grad_h0 (b, d, n). `workers` must be min(threads, b * d), at least 1.
+template <typename T>
+void s6_backward(int64_t b, int64_t d, int64_t L, int64_t n, int64_t K, const T* u, const T* delta,
+                 const T* A, const T* B, const T* C, const T* checkpoints, const T* grad_y, const T* grad_final,
+                 T* grad_u, T* grad_delta, T* grad_A, T* grad_B, T* grad_C, T* grad_h0, int threads) {
+  const int64_t segments = (L + K - 1) / K;
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, b * d));
+  std::fill(grad_B, grad_B + workers * b * L * n, T(0));
+  std::fill(grad_C, grad_C + workers * b * L * n, T(0));
+  parallel_for(workers, static_cast<int>(workers), [&](int64_t wi) {
+    T* gB_w = grad_B + wi * b * L * n;
+    T* gC_w = grad_C + wi * b * L * n;
+    std::vector<T> G(n), states((K + 1) * n), decays(K * n), g(n);
+    for (int64_t bd = b * d * wi / workers; bd < b * d * (wi + 1) / workers; ++bd) {
+      const int64_t bi = bd / d, di = bd % d;
+      const T* Ad = A + di * n;
+      const T* ur = u + bd * L;
+      const T* dr = delta + bd * L;
+      if (grad_final) std::memcpy(G.data(), grad_final + bd * n, n * sizeof(T));
+      else std::fill(G.begin(), G.end(), T(0));
+      std::vector<T> g_A(n, T(0));
+      for (int64_t seg = segments - 1; seg >= 0; --seg) {
+        const int64_t t0 = seg * K, t1 = std::min(L, t0 + K);
+        std::memcpy(states.data(), checkpoints + (bd * segments + seg) * n, n * sizeof(T));
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t k = t - t0;
+          const T dl = dr[t], x = dl * ur[t];
+          const T* Bt = B + (bi * L + t) * n;
+          const T* prev = states.data() + k * n;
+          T* next = states.data() + (k + 1) * n;
+          T* a = decays.data() + k * n;
+#pragma omp simd
+          for (int64_t j = 0; j < n; ++j) {
+            a[j] = exp_any(dl * Ad[j]);
+            next[j] = a[j] * prev[j] + x * Bt[j];
+          }
+        }
+        for (int64_t t = t1 - 1; t >= t0; --t) {
+          const int64_t k = t - t0;
+          const T dl = dr[t], ut = ur[t], x = dl * ut;
+          const T dy = grad_y ? grad_y[bd * L + t] : T(0);
+          const T* Bt = B + (bi * L + t) * n;
+          const T* Ct = C + (bi * L + t) * n;
+          const T* S_t = states.data() + (k + 1) * n;
+          const T* S_prev = states.data() + k * n;
+          const T* a = decays.data() + k * n;
+          T* gB = gB_w + (bi * L + t) * n;
+          T* gC = gC_w + (bi * L + t) * n;
+          T g_x = 0, g_dlA = 0;
+#pragma omp simd reduction(+ : g_x, g_dlA)
+          for (int64_t j = 0; j < n; ++j) {
+            gC[j] += dy * S_t[j];                   // y_t = S_t . C_t
+            const T gj = G[j] + dy * Ct[j];         // dL/dS_t
+            gB[j] += gj * x;                        // S_t = a S_{t-1} + x B_t, x = delta u
+            g_x += gj * Bt[j];
+            const T g_exp = gj * S_prev[j] * a[j];  // dL/d(delta A_j)
+            g_dlA += g_exp * Ad[j];
+            g_A[j] += g_exp * dl;
+            G[j] = gj * a[j];                       // dL/dS_{t-1} through S_t
+          }
+          grad_u[bd * L + t] = g_x * dl;
+          grad_delta[bd * L + t] = g_x * ut + g_dlA;
+        }
+      }
+      std::memcpy(grad_A + bd * n, g_A.data(), n * sizeof(T));
+      std::memcpy(grad_h0 + bd * n, G.data(), n * sizeof(T));
+    }
+  });
+}
+
 }  // namespace
 
 extern "C" {
@@ -601,5 +749,28 @@ extern "C" {
 
 VLM_NORM_ENTRY_POINTS(float, f32)
 VLM_NORM_ENTRY_POINTS(double, f64)
+
+}  // extern "C"
+
+extern "C" {
+
+#define VLM_S6_ENTRY_POINTS(T, SUFFIX)                                                                       \
+  int vlm_s6_forward_##SUFFIX(int64_t b, int64_t d, int64_t L, int64_t n, int64_t K, const T* u,             \
+                              const T* delta, const T* A, const T* B, const T* C, const T* h0, T* y,         \
+                              T* final_state, T* checkpoints, int threads) {                                 \
+    s6_forward<T>(b, d, L, n, K, u, delta, A, B, C, h0, y, final_state, checkpoints, threads);               \
+    return 0;                                                                                                \
+  }                                                                                                          \
+  int vlm_s6_backward_##SUFFIX(int64_t b, int64_t d, int64_t L, int64_t n, int64_t K, const T* u,            \
+                               const T* delta, const T* A, const T* B, const T* C, const T* checkpoints,     \
+                               const T* grad_y, const T* grad_final, T* grad_u, T* grad_delta, T* grad_A,    \
+                               T* grad_B, T* grad_C, T* grad_h0, int threads) {                              \
+    s6_backward<T>(b, d, L, n, K, u, delta, A, B, C, checkpoints, grad_y, grad_final, grad_u, grad_delta,    \
+                   grad_A, grad_B, grad_C, grad_h0, threads);                                                \
+    return 0;                                                                                                \
+  }
+
+VLM_S6_ENTRY_POINTS(float, f32)
+VLM_S6_ENTRY_POINTS(double, f64)
 
 }  // extern "C"
