@@ -192,10 +192,19 @@ def test_fused_conv_matches_the_pytorch_path(k, activation, with_bias, with_stat
         torch.testing.assert_close(got, want, **tol)
 
 
-def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+@pytest.mark.parametrize("compiler", ["missing", "failing"])
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path, compiler):
     monkeypatch.setenv("VLM_MAMBA_KERNEL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(shutil, "which", lambda name: None)
+    if compiler == "missing":
+        monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+        monkeypatch.setattr(shutil, "which", lambda name: None)
+        expected = "no C++ compiler"
+    else:
+        failing = tmp_path / "failing-cxx"
+        failing.write_text("#!/bin/sh\necho 'error: this compiler always fails' >&2\nexit 1\n")
+        failing.chmod(0o755)
+        monkeypatch.setenv("CXX", str(failing))
+        expected = "this compiler always fails"
     cpu_kernels._reset_for_tests()
     try:
         inputs = _ssd_inputs(1, 12, 2, 4, 1, 3, torch.float32)
@@ -204,7 +213,7 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
             y = ssd_scan(**inputs, chunk_size=4, dt_softplus=True)
             ssd_scan(**inputs, chunk_size=4, dt_softplus=True)
         messages = [str(w.message) for w in caught if "fused CPU" in str(w.message)]
-        assert len(messages) == 1 and "no C++ compiler" in messages[0], messages
+        assert len(messages) == 1 and expected in messages[0], messages
         torch.testing.assert_close(y, ssd_chunked(**inputs, chunk_size=4, dt_softplus=True))
         with pytest.raises(RuntimeError, match="not available"):
             ssd_fused_cpu(**inputs, dt_softplus=True)

@@ -1,16 +1,18 @@
 """Fused CPU kernels, built once per machine from `csrc/` with the system C++ compiler and called via ctypes.
 
-The PyTorch paths in `ops_ssd` work everywhere but spend most of a small model's training step in chains of
-small element-wise operations. The kernels here run the same recurrences in one pass with the state kept in
-cache. They are plain C functions on raw pointers: no torch headers, so they build in about a second, and
-any compiler/ABI problem leaves the PyTorch path in place.
+The PyTorch paths in `ops_ssd` and `ssm_ops` work everywhere but spend most of a small model's training step
+in chains of small element-wise operations. The kernels here run the same recurrences in one pass with the
+state kept in registers or cache: the Mamba-2 (SSD) scan, the Mamba-1 selective scan, the channels-last
+causal conv + SiLU and the (gated) RMSNorm, each with its backward pass. They are plain C functions on raw
+pointers: no torch headers, so they build in about a second, and any compiler/ABI problem leaves the
+PyTorch path in place.
 
 Building: on first use the source is compiled with `$CXX` (else `c++`, `g++` or `clang++`) into
 `$VLM_MAMBA_KERNEL_CACHE` (default: `$XDG_CACHE_HOME/vlm_mamba_hf/kernels`, else `~/.cache/...`), under a
 name that hashes the source, the compiler, the flags and the CPU (model and feature flags), so an edited
-source or another CPU never loads a stale library. If no compiler is found or the build fails, a warning says so once and the PyTorch path is
-used. `VLM_MAMBA_CPU_KERNELS=0` turns the kernels off (no build is tried); `set_cpu_kernels_enabled` does the
-same from Python.
+source or another CPU never loads a stale library. If no compiler is found or no build loads, a warning
+says so once and the PyTorch path is used. `VLM_MAMBA_CPU_KERNELS=0` turns the kernels off (no build is
+tried); `set_cpu_kernels_enabled` does the same from Python.
 """
 
 from __future__ import annotations
@@ -117,13 +119,19 @@ def _build(compiler: str, directory: Path) -> Path:
             [compiler, *flags, *_COMMON_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True
         )
         if result.returncode == 0:
+            try:
+                ctypes.CDLL(tmp)  # e.g. an OpenMP runtime that links but does not load: try the next flags
+            except OSError as error:
+                os.unlink(tmp)
+                errors.append(f"{' '.join(flags)}: built but does not load ({error})")
+                continue
             os.replace(tmp, target)
             return target
         os.unlink(tmp)
         lines = result.stderr.strip().splitlines()
         first_error = next((line for line in lines if "error" in line), lines[-1] if lines else "")
         errors.append(f"{' '.join(flags)}: {first_error or f'exit status {result.returncode}'}")
-    raise RuntimeError("the compiler rejected the source: " + "; ".join(map(str, errors)))
+    raise RuntimeError("no build of the source loads: " + "; ".join(map(str, errors)))
 
 
 def _declare(library: ctypes.CDLL) -> None:
