@@ -17,7 +17,8 @@ The first turn of every chat has exactly the single-question prompt used at infe
 
 Why the default model looks the way it does (measured on the 2-core CPU of this project, batch 32):
   - Mamba-2 (SSD) language model, not Mamba-1: the chunked SSD is matmul-shaped, and a training step took
-    0.3-0.8 s against 2.3-2.6 s for Mamba-1's blocked selective scan at the same parameter count.
+    0.3-0.8 s against 2.3-2.6 s for Mamba-1's blocked selective scan at the same parameter count (both on
+    the PyTorch paths, before the fused CPU kernels; not re-measured since).
   - 64 px images in 8 px patches (64 image tokens), Fuyu-style linear patch projection: with 16 px patches
     (9 or 16 tokens) models stayed blind for 600+ steps (easy-VQA accuracy at the text-only prior, ~67-69%;
     colour questions at chance), while 8 px patches learned colours within 500 steps. On Mamba-2 the extra
@@ -25,9 +26,10 @@ Why the default model looks the way it does (measured on the 2-core CPU of this 
     per step without learning faster in short probes, so the budget goes to more steps instead.
   - LayerNorm before the bridger: raw-pixel patch features grew to a scale (std ~18 after the projection,
     ~850 after the bridger) at which the object's signal was a small perturbation of the background's.
-  - Width 128, 4 layers, state 16, head_dim 32: 0.57M parameters (2.3 MB in fp32), about 3,800 mixture
-    steps after the focus stage in the 27-minute budget on one thread (the shipped model: 500 + 3,778;
-    before the focus stage and with 24 minutes: 3,533). The learning rate follows warmup + cosine
+  - Width 128, 4 layers, state 16, head_dim 32: 0.57M parameters (2.3 MB in fp32), about 5,300 mixture
+    steps after the focus stage in the 27-minute budget on one thread with the fused CPU kernels (the
+    shipped model: 500 + 5,323; on the PyTorch path 500 + 3,778, and before the focus stage, with 24
+    minutes, 3,533). The learning rate follows warmup + cosine
     over the time budget (`VLMambaTrainer`), so a run cut by the budget still ends decayed.
   - Overlapping patches (`--vision-mode encoder --patch-size 16 --patch-stride 8 --vision-layers 0`, 49 tokens)
     over the same budget: easy-VQA 85.4% (Fuyu: 83.5%) but test-caption exact match 16.6% (Fuyu: 36.2%);
@@ -62,10 +64,12 @@ Why the default model looks the way it does (measured on the 2-core CPU of this 
     Once learned alone, shapes survive the mixture at the full learning rate. In these probes caption exact
     match fell (45.8% without the focus stage): they had fewer mixture steps (they also shared the machine
     with the test suite), and a lower rate for the image path slows colours and positions, which captions
-    need. The shipped model (focus stage, then the mixture at the full rate; 27-minute budget, `vlm-mamba
-    train --recipe default --threads 1` beside the LLaVA run of `benchmarks/bench_quality.py`; 3,778 mixture
-    steps): easy-VQA 95.6%, test-caption exact match 47.8% (per type on 3,000 test questions: shape 94.8%,
-    yes/no 95.5%, colour 95.5%). A run-to-run spread of a few points is normal for these runs.
+    need. The focus stage, then the mixture at the full rate (27-minute budget, `vlm-mamba train --recipe
+    default --threads 1` beside the LLaVA run of `benchmarks/bench_quality.py`): on the PyTorch path, 3,778
+    mixture steps, easy-VQA 95.6%, test-caption exact match 47.8% (per type on 3,000 test questions: shape
+    94.8%, yes/no 95.5%, colour 95.5%); with the fused CPU kernels (the shipped model), 5,323 mixture steps,
+    99.1% / 77.6% (shape 99.0%, yes/no 99.1%, colour 99.5%). A run-to-run spread of a few points is normal
+    for these runs.
 
 What limits easy-VQA accuracy (probes of 500-1,000 steps at one thread; the 3e-3 model, before the focus stage):
   - Underfitting, not overfitting: 84.0% on 3,000 train questions against 83.0% on 3,000 test ones. Shapes
