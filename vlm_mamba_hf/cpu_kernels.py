@@ -210,8 +210,13 @@ def _reset_for_tests() -> None:
     _library, _load_failed = None, None
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+def _call(name: str, *args) -> None:
+    """Run the entry point `name` for the dtype of the first tensor in `args` (fp32 or fp64), passing tensors
+    as pointers (None as NULL) and torch's thread count last."""
+    dtype = next(a.dtype for a in args if isinstance(a, torch.Tensor))
+    suffix = "f64" if dtype == torch.float64 else "f32"
+    pointers = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
+    getattr(load_library(), f"{name}_{suffix}")(*pointers, torch.get_num_threads())
 
 
 class _SSDScanCPUFn(torch.autograd.Function):
@@ -219,26 +224,14 @@ class _SSDScanCPUFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, h0):
-        library = load_library()
         b, length, h, p = x.shape
         g, n = B.shape[2:]
-        suffix = "f64" if x.dtype == torch.float64 else "f32"
         needs_grad = any(ctx.needs_input_grad)
         K = _CHECKPOINT_STEPS
         y = torch.empty_like(x)
         final = torch.empty_like(h0)
         checkpoints = x.new_empty(b, h, (length + K - 1) // K, p, n) if needs_grad else None
-        getattr(library, f"vlm_ssd_forward_{suffix}")(
-            b,
-            length,
-            h,
-            p,
-            g,
-            n,
-            K,
-            *map(_ptr, (x, dt, A, B, C, h0, y, final, checkpoints)),
-            torch.get_num_threads(),
-        )
+        _call("vlm_ssd_forward", b, length, h, p, g, n, K, x, dt, A, B, C, h0, y, final, checkpoints)
         if needs_grad:
             ctx.save_for_backward(x, dt, A, B, C, D, checkpoints)
         if D is not None:
@@ -247,17 +240,16 @@ class _SSDScanCPUFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_final):
-        library = load_library()
         x, dt, A, B, C, D, checkpoints = ctx.saved_tensors
         b, length, h, p = x.shape
         g, n = B.shape[2:]
-        suffix = "f64" if x.dtype == torch.float64 else "f32"
         grad_y = None if grad_y is None else grad_y.to(x.dtype).contiguous()
         grad_final = None if grad_final is None else grad_final.to(x.dtype).contiguous()
         grad_x, grad_dt = torch.empty_like(x), torch.empty_like(dt)
         grad_B, grad_C = x.new_empty(b, length, h, n), x.new_empty(b, length, h, n)
         grad_A, grad_h0 = x.new_empty(b, h), x.new_empty(b, h, p, n)
-        getattr(library, f"vlm_ssd_backward_{suffix}")(
+        _call(
+            "vlm_ssd_backward",
             b,
             length,
             h,
@@ -265,9 +257,20 @@ class _SSDScanCPUFn(torch.autograd.Function):
             g,
             n,
             _CHECKPOINT_STEPS,
-            *map(_ptr, (x, dt, A, B, C, checkpoints, grad_y, grad_final)),
-            *map(_ptr, (grad_x, grad_dt, grad_B, grad_C, grad_A, grad_h0)),
-            torch.get_num_threads(),
+            x,
+            dt,
+            A,
+            B,
+            C,
+            checkpoints,
+            grad_y,
+            grad_final,
+            grad_x,
+            grad_dt,
+            grad_B,
+            grad_C,
+            grad_A,
+            grad_h0,
         )
         grad_D = None
         if D is not None and grad_y is not None:
@@ -293,44 +296,38 @@ class _CausalConvCPUFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight_kc, bias, left, silu):
-        library = load_library()
         b, length, c = x.shape
         k = weight_kc.shape[0]
-        suffix = "f64" if x.dtype == torch.float64 else "f32"
         out = torch.empty_like(x)
-        getattr(library, f"vlm_conv_forward_{suffix}")(
-            b,
-            length,
-            c,
-            k,
-            *map(_ptr, (x, weight_kc, bias, left)),
-            int(silu),
-            out.data_ptr(),
-            torch.get_num_threads(),
-        )
+        _call("vlm_conv_forward", b, length, c, k, x, weight_kc, bias, left, int(silu), out)
         ctx.save_for_backward(x, weight_kc, bias, left)
         ctx.silu = silu
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        library = load_library()
         x, weight_kc, bias, left = ctx.saved_tensors
         b, length, c = x.shape
         k = weight_kc.shape[0]
-        suffix = "f64" if x.dtype == torch.float64 else "f32"
         grad_out = grad_out.to(x.dtype).contiguous()
         grad_x, grad_w, grad_left = torch.empty_like(x), torch.empty_like(weight_kc), torch.empty_like(left)
         grad_bias = None if bias is None else torch.empty_like(bias)
-        getattr(library, f"vlm_conv_backward_{suffix}")(
+        _call(
+            "vlm_conv_backward",
             b,
             length,
             c,
             k,
-            *map(_ptr, (x, weight_kc, bias, left)),
+            x,
+            weight_kc,
+            bias,
+            left,
             int(ctx.silu),
-            *map(_ptr, (grad_out, grad_x, grad_w, grad_bias, grad_left)),
-            torch.get_num_threads(),
+            grad_out,
+            grad_x,
+            grad_w,
+            grad_bias,
+            grad_left,
         )
         return grad_x, grad_w, grad_bias, grad_left, None
 
@@ -356,27 +353,25 @@ class _RMSNormCPUFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, z, weight, group_size, eps):
-        library = load_library()
         d = x.shape[-1]
         rows = x.numel() // d
-        suffix = "f64" if x.dtype == torch.float64 else "f32"
         x_rows, x_stride = _rows(x)
         z_rows, z_stride = _rows(z) if z is not None else (None, 0)
         out = x.new_empty(x.shape)
         rstd = x.new_empty(rows, d // group_size)
-        getattr(library, f"vlm_rmsnorm_forward_{suffix}")(
+        _call(
+            "vlm_rmsnorm_forward",
             rows,
             d,
             group_size,
-            _ptr(x_rows),
+            x_rows,
             x_stride,
-            _ptr(z_rows),
+            z_rows,
             z_stride,
-            _ptr(weight),
+            weight,
             eps,
-            out.data_ptr(),
-            rstd.data_ptr(),
-            torch.get_num_threads(),
+            out,
+            rstd,
         )
         ctx.save_for_backward(x_rows, z_rows, weight, rstd)
         ctx.layout = (x.shape, rows, d, group_size, x_stride, z_stride)
@@ -384,26 +379,27 @@ class _RMSNormCPUFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        library = load_library()
         x_rows, z_rows, weight, rstd = ctx.saved_tensors
         shape, rows, d, group_size, x_stride, z_stride = ctx.layout
-        suffix = "f64" if weight.dtype == torch.float64 else "f32"
         grad_out = grad_out.to(weight.dtype).contiguous()
         grad_x = grad_out.new_empty(shape)
         grad_z = None if z_rows is None else grad_out.new_empty(shape)
         grad_w = torch.empty_like(weight)
-        getattr(library, f"vlm_rmsnorm_backward_{suffix}")(
+        _call(
+            "vlm_rmsnorm_backward",
             rows,
             d,
             group_size,
-            _ptr(x_rows),
+            x_rows,
             x_stride,
-            _ptr(z_rows),
+            z_rows,
             z_stride,
-            _ptr(weight),
-            _ptr(rstd),
-            *map(_ptr, (grad_out, grad_x, grad_z, grad_w)),
-            torch.get_num_threads(),
+            weight,
+            rstd,
+            grad_out,
+            grad_x,
+            grad_z,
+            grad_w,
         )
         return grad_x, grad_z, grad_w, None, None
 
@@ -420,34 +416,22 @@ class _SelectiveScanCPUFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, h0):
-        library = load_library()
         b, d, length = u.shape
         n = A.shape[1]
-        suffix = "f64" if u.dtype == torch.float64 else "f32"
         K = _CHECKPOINT_STEPS
         needs_grad = any(ctx.needs_input_grad)
         y, final = torch.empty_like(u), torch.empty_like(h0)
         checkpoints = u.new_empty(b, d, (length + K - 1) // K, n) if needs_grad else None
-        getattr(library, f"vlm_s6_forward_{suffix}")(
-            b,
-            d,
-            length,
-            n,
-            K,
-            *map(_ptr, (u, delta, A, B, C, h0, y, final, checkpoints)),
-            torch.get_num_threads(),
-        )
+        _call("vlm_s6_forward", b, d, length, n, K, u, delta, A, B, C, h0, y, final, checkpoints)
         if needs_grad:
             ctx.save_for_backward(u, delta, A, B, C, checkpoints)
         return y, final
 
     @staticmethod
     def backward(ctx, grad_y, grad_final):
-        library = load_library()
         u, delta, A, B, C, checkpoints = ctx.saved_tensors
         b, d, length = u.shape
         n = A.shape[1]
-        suffix = "f64" if u.dtype == torch.float64 else "f32"
         threads = torch.get_num_threads()
         workers = max(1, min(threads, b * d))
         grad_y = None if grad_y is None else grad_y.to(u.dtype).contiguous()
@@ -455,15 +439,27 @@ class _SelectiveScanCPUFn(torch.autograd.Function):
         grad_u, grad_delta = torch.empty_like(u), torch.empty_like(delta)
         grad_A, grad_h0 = u.new_empty(b, d, n), u.new_empty(b, d, n)
         grad_B, grad_C = u.new_empty(workers, b, length, n), u.new_empty(workers, b, length, n)
-        getattr(library, f"vlm_s6_backward_{suffix}")(
+        _call(
+            "vlm_s6_backward",
             b,
             d,
             length,
             n,
             _CHECKPOINT_STEPS,
-            *map(_ptr, (u, delta, A, B, C, checkpoints, grad_y, grad_final)),
-            *map(_ptr, (grad_u, grad_delta, grad_A, grad_B, grad_C, grad_h0)),
-            threads,
+            u,
+            delta,
+            A,
+            B,
+            C,
+            checkpoints,
+            grad_y,
+            grad_final,
+            grad_u,
+            grad_delta,
+            grad_A,
+            grad_B,
+            grad_C,
+            grad_h0,
         )
         return grad_u, grad_delta, grad_A.sum(0), grad_B.sum(0), grad_C.sum(0), grad_h0
 
