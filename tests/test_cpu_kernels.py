@@ -405,3 +405,18 @@ def test_selective_scan_dispatch_uses_the_kernel_and_matches_the_reference(monke
     assert _rel(y_ref, y) < 1e-5 and _rel(s_ref, s) < 1e-5
     for a, c in zip(g_ref, g):
         assert _rel(a, c) < 1e-4
+
+
+def test_an_unwritable_cache_builds_in_the_temp_folder(monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("VLM_MAMBA_KERNEL_CACHE", str(blocker / "kernels"))
+    monkeypatch.setattr(cpu_kernels.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    cpu_kernels._reset_for_tests()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback warning: the kernels still build
+            assert cpu_kernels.load_library() is not None
+        assert list((tmp_path / "tmp").glob("vlm_mamba_hf-kernels-*/mamba_cpu-*.so"))
+    finally:
+        cpu_kernels._reset_for_tests()

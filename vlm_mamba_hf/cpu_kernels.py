@@ -8,11 +8,11 @@ pointers: no torch headers, so they build in about a second, and any compiler/AB
 PyTorch path in place.
 
 Building: on first use the source is compiled with `$CXX` (else `c++`, `g++` or `clang++`) into
-`$VLM_MAMBA_KERNEL_CACHE` (default: `$XDG_CACHE_HOME/vlm_mamba_hf/kernels`, else `~/.cache/...`), under a
-name that hashes the source, the compiler, the flags and the CPU (model and feature flags), so an edited
-source or another CPU never loads a stale library. If no compiler is found or no build loads, a warning
-says so once and the PyTorch path is used. `VLM_MAMBA_CPU_KERNELS=0` turns the kernels off (no build is
-tried); `set_cpu_kernels_enabled` does the same from Python.
+`$VLM_MAMBA_KERNEL_CACHE` (default: `$XDG_CACHE_HOME/vlm_mamba_hf/kernels`, else `~/.cache/...`; the temp
+folder when that is not writable), under a name that hashes the source, the compiler, the flags and the CPU
+(model and feature flags), so an edited source or another CPU never loads a stale library. If no compiler is
+found or no build loads, a warning says so once and the PyTorch path is used. `VLM_MAMBA_CPU_KERNELS=0` turns
+the kernels off (no build is tried); `set_cpu_kernels_enabled` does the same from Python.
 """
 
 from __future__ import annotations
@@ -181,7 +181,12 @@ def load_library() -> ctypes.CDLL | None:
         try:
             if compiler is None:
                 raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
-            library = ctypes.CDLL(str(_build(compiler, kernel_cache_dir())))
+            try:
+                path = _build(compiler, kernel_cache_dir())
+            except OSError:
+                # An unwritable cache (a read-only home, a path that is a file): build in the temp folder.
+                path = _build(compiler, Path(tempfile.gettempdir()) / f"vlm_mamba_hf-kernels-{os.getuid()}")
+            library = ctypes.CDLL(str(path))
             if library.vlm_kernels_abi_version() != _ABI_VERSION:
                 raise RuntimeError("the built library is of another version")
             _declare(library)
