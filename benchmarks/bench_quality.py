@@ -368,6 +368,7 @@ def main() -> None:
     print(f"throughput: {json.dumps(throughput)}", flush=True)
 
     runs: dict[str, Any] = {}
+    recipe_as_stored = json.loads(json.dumps(recipe.to_dict()))  # as JSON files hold it: tuples are lists
     output_dir = Path(args.output_dir)
     if args.train_vlmamba:
         set_seed(recipe.seed)
@@ -387,14 +388,13 @@ def main() -> None:
             "eval": summary["eval"],
             "source": f"the default model's training run ({args.vlmamba_summary})",
         }
-        ours = json.loads(json.dumps(recipe.to_dict()))  # as the summary stores it: tuples are lists
         runs["vlmamba"]["recipe_differences"] = {
-            k: v for k, v in summary["recipe"].items() if ours.get(k) != v
+            k: v for k, v in summary["recipe"].items() if recipe_as_stored.get(k) != v
         }
     runs["vlmamba"]["parameters"] = parts
     if args.reuse_llava:
         earlier = json.loads(Path(args.reuse_llava).read_text())
-        if earlier["recipe"] != json.loads(json.dumps(recipe.to_dict())):
+        if earlier["recipe"] != recipe_as_stored:
             raise SystemExit(f"--reuse-llava: {args.reuse_llava} was run with another recipe.")
         runs["llava"] = earlier["runs"]["llava"]
         runs["llava"]["source"] = f"reused from {args.reuse_llava} ({earlier.get('date', 'earlier run')})"

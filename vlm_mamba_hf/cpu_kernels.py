@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 
 _SOURCE = Path(__file__).with_name("csrc") / "mamba_cpu.cpp"
-_ABI_VERSION = 1
 # The flags are tried in order; a compiler that rejects one set gets the next (e.g. no -march=native).
 # -fopenmp: the kernels then run on the OpenMP pool torch already uses (libgomp, shared by name), so they
 # scale with torch.get_num_threads() without competing with torch's own workers; without it they run serially.
@@ -96,72 +95,58 @@ def _cpu_signature() -> str:
     return "\n".join(signature)
 
 
-def _build(compiler: str, directory: Path) -> Path:
-    """Compile the source into `directory` (or find it built there); returns the library's path."""
+def _load_or_build(compiler: str, directory: Path) -> ctypes.CDLL:
+    """The library built for this source, compiler and CPU in `directory`, compiled there first if missing."""
     source = _SOURCE.read_bytes()
+    cpu = _cpu_signature().encode()
     errors = []
     for flags in _FLAG_SETS:
-        parts = [
-            source,
-            compiler.encode(),
-            " ".join(flags + _COMMON_FLAGS).encode(),
-            _cpu_signature().encode(),
-        ]
-        key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+        key = hashlib.sha256(
+            b"\0".join([source, compiler.encode(), " ".join(flags + _COMMON_FLAGS).encode(), cpu])
+        ).hexdigest()[:16]
         target = directory / f"mamba_cpu-{key}.so"
-        if target.exists():
-            return target
-        directory.mkdir(parents=True, exist_ok=True)
-        # Built under a temporary name and renamed into place, so a concurrent process never loads half a file.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
-        os.close(fd)
-        result = subprocess.run(
-            [compiler, *flags, *_COMMON_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True
-        )
-        if result.returncode == 0:
-            try:
-                ctypes.CDLL(tmp)  # e.g. an OpenMP runtime that links but does not load: try the next flags
-            except OSError as error:
+        if not target.exists():
+            directory.mkdir(parents=True, exist_ok=True)
+            # Built under a temporary name and renamed into place: a concurrent process never loads half a file.
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
+            os.close(fd)
+            result = subprocess.run(
+                [compiler, *flags, *_COMMON_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True
+            )
+            if result.returncode != 0:
                 os.unlink(tmp)
-                errors.append(f"{' '.join(flags)}: built but does not load ({error})")
+                lines = result.stderr.strip().splitlines()
+                first_error = next((line for line in lines if "error" in line), lines[-1] if lines else "")
+                errors.append(f"{' '.join(flags)}: {first_error or f'exit status {result.returncode}'}")
                 continue
             os.replace(tmp, target)
-            return target
-        os.unlink(tmp)
-        lines = result.stderr.strip().splitlines()
-        first_error = next((line for line in lines if "error" in line), lines[-1] if lines else "")
-        errors.append(f"{' '.join(flags)}: {first_error or f'exit status {result.returncode}'}")
-    raise RuntimeError("no build of the source loads: " + "; ".join(map(str, errors)))
+        try:
+            return ctypes.CDLL(str(target))
+        except OSError as error:  # e.g. an OpenMP runtime that links but does not load: try the next flags
+            errors.append(f"{' '.join(flags)}: built but does not load ({error})")
+    raise RuntimeError("no build of the source loads: " + "; ".join(errors))
+
+
+_INT, _PTR, _DOUBLE = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
+# Each entry point's argument types, before the thread count (int) that every one of them takes last.
+_SIGNATURES = {
+    "vlm_ssd_forward": [_INT] * 7 + [_PTR] * 9,
+    "vlm_ssd_backward": [_INT] * 7 + [_PTR] * 14,
+    "vlm_conv_forward": [_INT] * 4 + [_PTR] * 4 + [ctypes.c_int, _PTR],
+    "vlm_conv_backward": [_INT] * 4 + [_PTR] * 4 + [ctypes.c_int] + [_PTR] * 5,
+    "vlm_rmsnorm_forward": [_INT] * 3 + [_PTR, _INT, _PTR, _INT, _PTR, _DOUBLE, _PTR, _PTR],
+    "vlm_rmsnorm_backward": [_INT] * 3 + [_PTR, _INT, _PTR, _INT] + [_PTR] * 6,
+    "vlm_s6_forward": [_INT] * 5 + [_PTR] * 9,
+    "vlm_s6_backward": [_INT] * 5 + [_PTR] * 14,
+}
 
 
 def _declare(library: ctypes.CDLL) -> None:
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    dims = [i64] * 7
-    for suffix in ("f32", "f64"):
-        forward = getattr(library, f"vlm_ssd_forward_{suffix}")
-        forward.argtypes = dims + [ptr] * 9 + [ctypes.c_int]
-        forward.restype = ctypes.c_int
-        backward = getattr(library, f"vlm_ssd_backward_{suffix}")
-        backward.argtypes = dims + [ptr] * 14 + [ctypes.c_int]
-        backward.restype = ctypes.c_int
-        conv_forward = getattr(library, f"vlm_conv_forward_{suffix}")
-        conv_forward.argtypes = [i64] * 4 + [ptr] * 4 + [ctypes.c_int, ptr, ctypes.c_int]
-        conv_forward.restype = ctypes.c_int
-        conv_backward = getattr(library, f"vlm_conv_backward_{suffix}")
-        conv_backward.argtypes = [i64] * 4 + [ptr] * 4 + [ctypes.c_int] + [ptr] * 5 + [ctypes.c_int]
-        conv_backward.restype = ctypes.c_int
-        norm_forward = getattr(library, f"vlm_rmsnorm_forward_{suffix}")
-        norm_forward.argtypes = [i64] * 3 + [ptr, i64, ptr, i64, ptr, ctypes.c_double, ptr, ptr, ctypes.c_int]
-        norm_forward.restype = ctypes.c_int
-        norm_backward = getattr(library, f"vlm_rmsnorm_backward_{suffix}")
-        norm_backward.argtypes = [i64] * 3 + [ptr, i64, ptr, i64] + [ptr] * 6 + [ctypes.c_int]
-        norm_backward.restype = ctypes.c_int
-        s6_forward = getattr(library, f"vlm_s6_forward_{suffix}")
-        s6_forward.argtypes = [i64] * 5 + [ptr] * 9 + [ctypes.c_int]
-        s6_forward.restype = ctypes.c_int
-        s6_backward = getattr(library, f"vlm_s6_backward_{suffix}")
-        s6_backward.argtypes = [i64] * 5 + [ptr] * 14 + [ctypes.c_int]
-        s6_backward.restype = ctypes.c_int
+    for name, argtypes in _SIGNATURES.items():
+        for suffix in ("f32", "f64"):
+            function = getattr(library, f"{name}_{suffix}")
+            function.argtypes = [*argtypes, ctypes.c_int]
+            function.restype = ctypes.c_int
 
 
 def load_library() -> ctypes.CDLL | None:
@@ -182,13 +167,11 @@ def load_library() -> ctypes.CDLL | None:
             if compiler is None:
                 raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
             try:
-                path = _build(compiler, kernel_cache_dir())
+                library = _load_or_build(compiler, kernel_cache_dir())
             except OSError:
                 # An unwritable cache (a read-only home, a path that is a file): build in the temp folder.
-                path = _build(compiler, Path(tempfile.gettempdir()) / f"vlm_mamba_hf-kernels-{os.getuid()}")
-            library = ctypes.CDLL(str(path))
-            if library.vlm_kernels_abi_version() != _ABI_VERSION:
-                raise RuntimeError("the built library is of another version")
+                temp = Path(tempfile.gettempdir()) / f"vlm_mamba_hf-kernels-{os.getuid()}"
+                library = _load_or_build(compiler, temp)
             _declare(library)
         except Exception as error:  # noqa: BLE001 - any failure means the PyTorch path
             _load_failed = str(error)

@@ -133,11 +133,15 @@ def kernels_available() -> dict[str, bool]:
 
 
 def _prepare_delta(
-    delta: torch.Tensor, delta_bias: torch.Tensor | None, delta_softplus: bool
+    delta: torch.Tensor,
+    delta_bias: torch.Tensor | None,
+    delta_softplus: bool,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    delta = delta.float()
+    """delta (b, d, l) -> softplus(delta + delta_bias) in `dtype` (the bias and softplus only when given)."""
+    delta = delta.to(dtype)
     if delta_bias is not None:
-        delta = delta + delta_bias.float()[..., None]
+        delta = delta + delta_bias.to(dtype)[..., None]
     if delta_softplus:
         delta = F.softplus(delta)
     return delta
@@ -365,11 +369,7 @@ def selective_scan_fused_cpu(
         raise RuntimeError("The fused CPU scan kernel is not available; use selective_scan_torch.")
     ctype = torch.promote_types(u.dtype, torch.float32)
     b, d, _ = u.shape
-    delta = delta.to(ctype)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(ctype)[..., None]
-    if delta_softplus:
-        delta = F.softplus(delta)
+    delta = _prepare_delta(delta, delta_bias, delta_softplus, ctype)
     h0 = u.new_zeros(b, d, A.shape[1], dtype=ctype) if initial_state is None else initial_state.to(ctype)
     y, h_last = selective_scan_cpu(u.to(ctype), delta, A.to(ctype), B.to(ctype), C.to(ctype), h0)
     y = _finish(y, u, D, z, u.dtype)

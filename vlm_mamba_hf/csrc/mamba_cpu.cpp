@@ -540,7 +540,7 @@ inline T exp_any(T v) {
 template <typename T>
 void s6_forward(int64_t b, int64_t d, int64_t L, int64_t n, int64_t K, const T* u, const T* delta, const T* A,
                 const T* B, const T* C, const T* h0, T* y, T* final_state, T* checkpoints, int threads) {
-  constexpr int64_t kV = 64 / sizeof(T);
+  constexpr int64_t kV = kVecBytes / sizeof(T);
   const int64_t segments = (L + K - 1) / K, blocks = (d + kV - 1) / kV;
   parallel_for(b * blocks, threads, [&](int64_t task) {
     const int64_t bi = task / blocks, d0 = (task % blocks) * kV, vb = std::min(kV, d - d0);
@@ -669,9 +669,6 @@ void s6_backward(int64_t b, int64_t d, int64_t L, int64_t n, int64_t K, const T*
 }  // namespace
 
 extern "C" {
-
-// Bumped whenever an entry point's arguments change; the loader refuses a library of another version.
-int vlm_kernels_abi_version() { return 1; }
 
 #define VLM_SSD_BACKWARD(T, P)                                                                         \
   backward<T, P>(d, x, dt, A, B, C, checkpoints, grad_y, grad_final, grad_x, grad_dt, grad_B, grad_C, grad_A, \

@@ -4,7 +4,7 @@ The "default" recipe trains the built-in default model (`vlm_mamba_hf/default_mo
 under 30 minutes (a 27-minute training budget, then about a minute of evaluation): a focus stage on easy-VQA
 shape questions, then easy-VQA train questions mixed with captions and questions of procedural shape scenes.
 
-Focus stage (`focus_steps` 500 at `focus_learning_rate` 3e-3, about 2.5 minutes of the budget): the easy-VQA
+Focus stage (`focus_steps` 500 at `focus_learning_rate` 3e-3, about 2 minutes of the budget): the easy-VQA
 questions whose answer is a shape ("what shape is in the image?"), one question per chat, with their own warmup
 and cosine decay. Then the mixture gets what is left of the budget.
 
