@@ -47,10 +47,10 @@ from transformers import (
 from vlm_mamba_hf.cpu_kernels import kernels_available_for, set_cpu_kernels_enabled
 from vlm_mamba_hf.modeling_vlm_mamba import VLMambaForConditionalGeneration
 from vlm_mamba_hf.processing_vlm_mamba import VLMambaProcessor
-from vlm_mamba_hf.training.collator import VLMambaDataCollator
 from vlm_mamba_hf.training.evaluate import default_model_path, evaluate_all
 from vlm_mamba_hf.training.recipes import (
     Recipe,
+    build_collator,
     build_model_config,
     build_processor,
     build_train_dataset,
@@ -189,7 +189,7 @@ def train_and_evaluate(
     name: str, model, recipe: Recipe, processor, dataset, output_dir: Path, progress: bool
 ) -> dict[str, Any]:
     """The recipe's Trainer run (same args, collator, data, budget) and the shared evaluation."""
-    collator = VLMambaDataCollator(processor, max_length=recipe.max_length)
+    collator = build_collator(recipe, processor)
     focus = run_focus_stage(recipe, model, collator, output_dir / name, disable_tqdm=not progress)
     args = training_arguments(recipe, str(output_dir / name), save_strategy="no", disable_tqdm=not progress)
     budget = mixture_time_budget(recipe, focus)
@@ -246,10 +246,7 @@ def side_by_side_throughput(
         [dataset[(i * recipe.batch_size + j) % len(dataset)] for j in range(recipe.batch_size)]
         for i in range(warmup + steps)
     ]
-    batches = {
-        name: [VLMambaDataCollator(processors[name], max_length=recipe.max_length)(e) for e in examples]
-        for name in models
-    }
+    batches = {name: [build_collator(recipe, processors[name])(e) for e in examples] for name in models}
     optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
     # VLMamba a second time with the fused CPU kernels off: the pure-PyTorch path, in the same alternation.

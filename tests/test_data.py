@@ -10,6 +10,7 @@ from PIL import Image
 
 from vlm_mamba_hf.data.easy_vqa import EasyVQADataset, easy_vqa_answers
 from vlm_mamba_hf.data.shapes import (
+    BACKGROUNDS,
     COLORS,
     HELDOUT_PAIRS,
     NUMBER_WORDS,
@@ -17,7 +18,9 @@ from vlm_mamba_hf.data.shapes import (
     SHAPES,
     SPLITS,
     ShapesDataset,
+    make_any_colour_scenes,
     make_shapes_split,
+    nearest_color_name,
 )
 
 _POSITION_TO_CELL = {name: cell for cell, name in POSITIONS.items()}
@@ -129,6 +132,50 @@ def test_qa_answers_agree_with_objects(split):
             assert answer == _answer_from_objects(question, scene["objects"]), question
             answers[answer] += 1
     assert answers["yes"] == answers["no"]
+
+
+def test_nearest_color_name_names_each_palette_colour_and_its_neighbours():
+    for name, rgb in COLORS.items():
+        assert nearest_color_name(rgb) == name
+        assert nearest_color_name(tuple(min(255, v + 12) for v in rgb)) == name
+    assert nearest_color_name((255, 0, 0)) == "red"
+
+
+def test_any_colour_scenes_are_deterministic_and_do_not_depend_on_n():
+    first = make_any_colour_scenes(40, seed=2)
+    again = make_any_colour_scenes(40, seed=2)
+    longer = make_any_colour_scenes(80, seed=2)
+    key = lambda s: (s["qa"], s["objects"], s["image"].tobytes())  # noqa: E731
+    assert [key(s) for s in first] == [key(s) for s in again] == [key(s) for s in longer[:40]]
+    assert [key(s) for s in first] != [key(s) for s in make_any_colour_scenes(40, seed=3)]
+
+
+def test_any_colour_scenes_never_draw_a_heldout_pair_and_stay_visible():
+    heldout_colours = {shape: {c for c, s in HELDOUT_PAIRS if s == shape} for shape in SHAPES}
+    drawn = Counter()
+    for scene in make_any_colour_scenes(2000, seed=0):
+        background = BACKGROUNDS[scene["background"]]
+        for obj in scene["objects"]:
+            # The colour a viewer (or the palette) would name never pairs the shape into the held-out split.
+            assert nearest_color_name(obj["rgb"]) not in heldout_colours[obj["shape"]], obj
+            assert sum((a - b) ** 2 for a, b in zip(obj["rgb"], background)) >= 80**2
+            assert scene["image"].getpixel(obj["center"]) == obj["rgb"]
+            drawn[obj["shape"], nearest_color_name(obj["rgb"])] += 1
+    # Every shape is drawn in colours near every palette colour it may have: the colours really vary.
+    assert set(drawn) == {(s, c) for c in COLORS for s in SHAPES if c not in heldout_colours[s]}
+
+
+def test_any_colour_scenes_ask_only_colour_free_questions_answered_by_the_objects():
+    for scene in make_any_colour_scenes(300, seed=1):
+        positions = [o["position"] for o in scene["objects"]]
+        assert positions == [
+            o["position"] for o in sorted(scene["objects"], key=lambda o: (o["row"], o["col"]))
+        ]
+        for question, answer in scene["qa"]:
+            assert not [c for c in COLORS if c in question or c in answer]
+            assert answer == _answer_from_objects(question, scene["objects"]), question
+        asked = {q for q, _ in scene["qa"] if q.startswith("what shape")}
+        assert len(asked) == len(scene["objects"])
 
 
 def test_thousand_scenes_generate_in_a_couple_of_seconds():

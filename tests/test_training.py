@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,13 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+from vlm_mamba_hf.data.shapes import COLORS, HELDOUT_PAIRS, SHAPES, ColourWordSwap
 from vlm_mamba_hf.modeling_vlm_mamba import VLMambaForConditionalGeneration
 from vlm_mamba_hf.training.collator import IGNORE_INDEX, VLMambaDataCollator, format_prompt
 from vlm_mamba_hf.training.recipes import (
     ExampleList,
+    any_colour_examples,
+    build_collator,
     build_focus_dataset,
     build_model_config,
     build_processor,
@@ -66,6 +70,20 @@ def _model(recipe, processor, seed=0) -> VLMambaForConditionalGeneration:
 
 def _qa(answer="red", question="what color is the shape?", image=True):
     return {"image": _image() if image else None, "prompt": question, "answer": answer}
+
+
+def _random_answer_noise(vocab_size, probability=0.3, seed=0):
+    """Input noise keyed by the example's ids (as ColourWordSwap's): each answer token replaced with
+    `probability` by a random token."""
+
+    def noise(ids, labels):
+        rng = random.Random(f"{seed}/{ids}")
+        for t, label in enumerate(labels):
+            if label != IGNORE_INDEX and rng.random() < probability:
+                ids[t] = rng.randrange(vocab_size)
+        return ids
+
+    return noise
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -154,6 +172,117 @@ def test_collator_takes_examples_without_images(processor):
     assert not (batch["input_ids"] == processor.image_token_id).any()
     mixed = VLMambaDataCollator(processor)([_qa(image=False), _qa()])
     assert mixed["pixel_values"].shape[0] == 1
+
+
+def test_collator_input_noise_changes_input_ids_but_never_labels(processor):
+    example = _qa(answer="a red circle at the top left and a blue square on the right.")
+    clean = VLMambaDataCollator(processor)([example])
+    noisy = VLMambaDataCollator(processor, input_noise=_random_answer_noise(len(processor.tokenizer), 1.0))(
+        [example]
+    )
+    answer = clean["labels"] != IGNORE_INDEX
+    assert torch.equal(noisy["labels"], clean["labels"])
+    assert torch.equal(noisy["input_ids"][~answer], clean["input_ids"][~answer])
+    assert not torch.equal(noisy["input_ids"][answer], clean["input_ids"][answer])
+
+
+def test_collator_refuses_noise_that_touches_the_prompt_or_the_length(processor):
+    example = _qa()
+    prompt_noise = VLMambaDataCollator(processor, input_noise=lambda ids, labels: [ids[1] + 1, *ids[1:]])
+    with pytest.raises(ValueError, match="change answer positions only"):
+        prompt_noise([example])
+    longer = VLMambaDataCollator(processor, input_noise=lambda ids, labels: [*ids, ids[-1]])
+    with pytest.raises(ValueError, match="as many ids"):
+        longer([example])
+
+
+@pytest.fixture(scope="module")
+def default_processor():
+    from transformers import AutoProcessor
+
+    from vlm_mamba_hf import DEFAULT_MODEL
+
+    return AutoProcessor.from_pretrained(DEFAULT_MODEL)
+
+
+def _words(tokenizer, ids):
+    return tokenizer.decode(ids).replace(",", " ").replace(".", " ").split()
+
+
+def test_colour_word_swap_replaces_colours_before_shapes_in_answers_only(default_processor):
+    tokenizer = default_processor.tokenizer
+    collator = VLMambaDataCollator(default_processor, input_noise=ColourWordSwap(tokenizer, probability=1.0))
+    caption = "a red circle at the top left, a blue square in the center and a green circle on the right."
+    chat = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": "is there a red circle?"}],
+            },
+            {"role": "assistant", "content": "yes"},
+            {"role": "user", "content": "Describe the image."},
+            {"role": "assistant", "content": caption},
+        ],
+        "image": _image(),
+    }
+    clean = VLMambaDataCollator(default_processor)([chat])
+    seen = []
+    for seed in range(30):
+        collator.input_noise.seed = seed
+        batch = collator([chat])
+        assert torch.equal(
+            collator([chat])["input_ids"], batch["input_ids"]
+        )  # a function of seed and example
+        assert torch.equal(batch["labels"], clean["labels"])
+        answer = clean["labels"][0] != IGNORE_INDEX
+        assert torch.equal(
+            batch["input_ids"][0][~answer], clean["input_ids"][0][~answer]
+        )  # the question keeps "red"
+        words = _words(tokenizer, batch["input_ids"][0][answer].tolist())
+        true = _words(tokenizer, clean["input_ids"][0][answer].tolist())
+        pairs = [(w, n) for w, n in zip(words, words[1:]) if n in SHAPES]
+        true_pairs = [(w, n) for w, n in zip(true, true[1:]) if n in SHAPES]
+        assert [n for _, n in pairs] == [n for _, n in true_pairs]
+        for (colour, shape), (true_colour, _) in zip(pairs, true_pairs):
+            assert colour in COLORS and colour != true_colour  # probability 1: always another colour
+            assert (colour, shape) not in HELDOUT_PAIRS  # never writes a held-out pair
+        seen.append(tuple(pairs))
+    assert len(set(seen)) > 5  # the replacements are random, not one fixed rewrite
+
+
+def test_colour_word_swap_probability_zero_is_the_identity_and_bad_input_is_refused(default_processor):
+    tokenizer = default_processor.tokenizer
+    example = _qa(answer="a red circle at the top left.", question="Describe the image.")
+    clean = VLMambaDataCollator(default_processor)([example])
+    off = VLMambaDataCollator(default_processor, input_noise=ColourWordSwap(tokenizer, probability=0.0))(
+        [example]
+    )
+    assert torch.equal(off["input_ids"], clean["input_ids"])
+    with pytest.raises(ValueError, match="probability"):
+        ColourWordSwap(tokenizer, probability=1.5)
+    tiny_tokenizer = build_processor(get_recipe("tiny")).tokenizer  # 320 tokens: colour words split
+    with pytest.raises(ValueError, match="one token"):
+        ColourWordSwap(tiny_tokenizer)
+
+
+def test_recipe_collator_uses_colour_swap_when_asked(recipe, default_processor):
+    assert build_collator(recipe, default_processor).input_noise is None  # tiny: off
+    collator = build_collator(get_recipe("default"), default_processor)
+    assert isinstance(collator.input_noise, ColourWordSwap)
+    assert collator.input_noise.probability == get_recipe("default").colour_swap_probability > 0
+    assert collator.max_length == get_recipe("default").max_length
+
+
+def test_any_colour_examples_are_chats_of_colour_free_questions(recipe):
+    examples = any_colour_examples(recipe.replace(any_colour_scenes=30))
+    assert len(examples) == 30
+    for example in examples:
+        answers = [m["content"] for m in example["messages"] if m["role"] == "assistant"]
+        assert 1 <= len(answers) <= recipe.turns
+        assert not set(answers) & set(COLORS)
+    assert len(build_train_dataset(recipe)) == len(
+        build_train_dataset(recipe.replace(any_colour_scenes=0))
+    ) + (recipe.any_colour_scenes)
 
 
 def test_collator_error_names_remove_unused_columns(processor):
@@ -373,9 +502,13 @@ class _StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def test_resume_from_checkpoint_matches_uninterrupted_run(recipe, processor, train_dataset, tmp_path):
+@pytest.mark.parametrize("noise", [False, True], ids=["plain", "input-noise"])
+def test_resume_from_checkpoint_matches_uninterrupted_run(recipe, processor, train_dataset, tmp_path, noise):
     run = recipe.replace(max_steps=6, save_steps=3, batch_size=4)
-    collator = VLMambaDataCollator(processor)
+    # With input noise keyed by the example (as ColourWordSwap's), the resumed run sees the same noise as the
+    # uninterrupted one. (Noise from torch's generator would not: the data loader collates a batch ahead.)
+    input_noise = _random_answer_noise(len(processor.tokenizer)) if noise else None
+    collator = VLMambaDataCollator(processor, input_noise=input_noise)
 
     def trainer(out, callbacks=()):
         args = _args(out, run, save_strategy="steps", save_steps=3, save_only_model=False)

@@ -6,9 +6,12 @@ from .shapes import (
     HELDOUT_PAIRS,
     SHAPES,
     TRAIN_PAIRS,
+    ColourWordSwap,
     ShapesDataset,
     caption_for,
+    make_any_colour_scenes,
     make_shapes_split,
+    nearest_color_name,
 )
 
 __all__ = [
@@ -17,10 +20,13 @@ __all__ = [
     "HELDOUT_PAIRS",
     "SHAPES",
     "TRAIN_PAIRS",
+    "ColourWordSwap",
     "EasyVQADataset",
     "ShapesDataset",
     "caption_for",
     "easy_vqa_answer_type",
     "easy_vqa_answers",
+    "make_any_colour_scenes",
     "make_shapes_split",
+    "nearest_color_name",
 ]

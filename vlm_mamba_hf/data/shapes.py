@@ -11,12 +11,19 @@ question. Every "heldout" scene draws at least one of them. Each held-out colour
 appears in training with other partners, so the split measures compositional generalisation: the
 model knows "red" and "square" but has never seen a red square.
 
+Any-colour scenes (`make_any_colour_scenes`): the same layout with every object in a random RGB colour and
+only colour-free questions ("what shape is at the top left?", counts). They teach the image path to see a
+shape whatever its colour, so that it recognises a red square it has never seen. They keep the held-out
+promise: an object is never drawn in a colour whose nearest palette colour would pair it into
+``HELDOUT_PAIRS`` (no square is nearest to palette red), and no colour is named.
+
 The space of captions is small, so the same caption (with a different image: jittered positions,
 sizes and background) can appear in both "train" and "test"; only "heldout" is disjoint by design.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections import Counter
 from typing import Any
@@ -131,6 +138,55 @@ def _draw_shape(
         raise ValueError(f"Unknown shape {shape!r}; expected one of {SHAPES}.")
 
 
+def nearest_color_name(rgb: tuple[int, int, int]) -> str:
+    """The palette colour (a key of COLORS) closest to an RGB colour in Euclidean RGB distance."""
+    return min(COLORS, key=lambda name: sum((a - b) ** 2 for a, b in zip(COLORS[name], rgb)))
+
+
+_HELDOUT_COLOR_OF: dict[str, set[str]] = {}
+for _color, _shape in HELDOUT_PAIRS:
+    _HELDOUT_COLOR_OF.setdefault(_shape, set()).add(_color)
+# Smallest RGB distance between an any-colour object and its background, so that every object is visible.
+_MIN_CONTRAST = 80
+
+
+def _random_color(rng: random.Random, shape: str, background: tuple[int, int, int]) -> tuple[int, int, int]:
+    """A random visible colour for `shape` whose nearest palette colour does not pair it into HELDOUT_PAIRS."""
+    forbidden = _HELDOUT_COLOR_OF.get(shape, set())
+    while True:
+        rgb = (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+        contrast = sum((a - b) ** 2 for a, b in zip(rgb, background)) ** 0.5
+        if contrast >= _MIN_CONTRAST and nearest_color_name(rgb) not in forbidden:
+            return rgb
+
+
+def _place_object(
+    rng: random.Random,
+    draw: ImageDraw.ImageDraw,
+    cell: tuple[int, int],
+    shape: str,
+    fill: tuple[int, int, int],
+    cell_size: float,
+) -> dict[str, Any]:
+    """Draw `shape` with a random extent and jitter inside its grid cell; the object's description."""
+    row, col = cell
+    # Geometry is drawn in cell units, so a seed gives the same scene at every image size.
+    extent = rng.uniform(_MIN_EXTENT, _MAX_EXTENT)
+    slack = (1.0 - extent) / 2
+    cx = round((col + 0.5 + rng.uniform(-slack, slack)) * cell_size)
+    cy = round((row + 0.5 + rng.uniform(-slack, slack)) * cell_size)
+    half = max(1, int(extent * cell_size / 2))
+    _draw_shape(draw, shape, cx, cy, half, fill)
+    return {
+        "shape": shape,
+        "row": row,
+        "col": col,
+        "position": POSITIONS[(row, col)],
+        "center": (cx, cy),
+        "size": 2 * half,
+    }
+
+
 def _sample_scene(
     rng: random.Random, heldout: bool, image_size: int, min_objects: int, max_objects: int
 ) -> dict[str, Any]:
@@ -144,23 +200,8 @@ def _sample_scene(
     for i, (row, col) in enumerate(cells):
         pool = sorted(HELDOUT_PAIRS) if heldout and i == 0 else (ALL_PAIRS if heldout else TRAIN_PAIRS)
         color, shape = rng.choice(pool)
-        # Geometry is drawn in cell units, so a seed gives the same scene at every image size.
-        extent = rng.uniform(_MIN_EXTENT, _MAX_EXTENT)
-        slack = (1.0 - extent) / 2
-        cx = round((col + 0.5 + rng.uniform(-slack, slack)) * cell_size)
-        cy = round((row + 0.5 + rng.uniform(-slack, slack)) * cell_size)
-        half = max(1, int(extent * cell_size / 2))
-        _draw_shape(draw, shape, cx, cy, half, COLORS[color])
         objects.append(
-            {
-                "shape": shape,
-                "color": color,
-                "row": row,
-                "col": col,
-                "position": POSITIONS[(row, col)],
-                "center": (cx, cy),
-                "size": 2 * half,
-            }
+            {**_place_object(rng, draw, (row, col), shape, COLORS[color], cell_size), "color": color}
         )
     objects.sort(key=lambda o: (o["row"], o["col"]))
     negatives = ALL_PAIRS if heldout else TRAIN_PAIRS
@@ -173,6 +214,17 @@ def _sample_scene(
     }
 
 
+def _check_scene_args(n: int, image_size: int, min_objects: int, max_objects: int) -> None:
+    if n < 0:
+        raise ValueError(f"n must be non-negative, got {n}.")
+    if image_size < _MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be at least {_MIN_IMAGE_SIZE} pixels, got {image_size}.")
+    if not 1 <= min_objects <= max_objects <= len(POSITIONS):
+        raise ValueError(
+            f"Need 1 <= min_objects <= max_objects <= {len(POSITIONS)}, got {min_objects} and {max_objects}."
+        )
+
+
 def make_shapes_split(
     split: str, n: int, seed: int, image_size: int = 64, min_objects: int = 1, max_objects: int = 3
 ) -> list[dict[str, Any]]:
@@ -182,18 +234,100 @@ def make_shapes_split(
     """
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r}; expected one of {SPLITS}.")
-    if n < 0:
-        raise ValueError(f"n must be non-negative, got {n}.")
-    if image_size < _MIN_IMAGE_SIZE:
-        raise ValueError(f"image_size must be at least {_MIN_IMAGE_SIZE} pixels, got {image_size}.")
-    if not 1 <= min_objects <= max_objects <= len(POSITIONS):
-        raise ValueError(
-            f"Need 1 <= min_objects <= max_objects <= {len(POSITIONS)}, got {min_objects} and {max_objects}."
-        )
+    _check_scene_args(n, image_size, min_objects, max_objects)
     # A string seed is hashed with SHA-512 by `random`, so it is stable across processes and platforms.
     rng = random.Random(f"vlm_mamba_hf.shapes/{split}/{seed}")
     heldout = split == "heldout"
     return [_sample_scene(rng, heldout, image_size, min_objects, max_objects) for _ in range(n)]
+
+
+def shape_questions_for(objects: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Colour-free QA pairs: the shape at each object's position and the counts of shapes."""
+    shape_counts = Counter(o["shape"] for o in objects)
+    qa = [("how many shapes are there?", NUMBER_WORDS[len(objects)])]
+    qa += [(f"how many {_plural(s)} are there?", NUMBER_WORDS[shape_counts[s]]) for s in SHAPES]
+    qa += [(f"what shape is {position_phrase(o['position'])}?", o["shape"]) for o in objects]
+    return qa
+
+
+def make_any_colour_scenes(
+    n: int, seed: int, image_size: int = 64, min_objects: int = 1, max_objects: int = 3
+) -> list[dict[str, Any]]:
+    """Draw n training scenes whose objects have random RGB colours: dicts {"image", "qa", "objects",
+    "background"}, with colour-free questions only (see the module docstring). Deterministic by seed."""
+    _check_scene_args(n, image_size, min_objects, max_objects)
+    rng = random.Random(f"vlm_mamba_hf.shapes/any_colour/{seed}")
+    cell_size = image_size / 3
+    scenes = []
+    for _ in range(n):
+        cells = rng.sample(sorted(POSITIONS), rng.randint(min_objects, max_objects))
+        background = rng.choice(sorted(BACKGROUNDS))
+        image = Image.new("RGB", (image_size, image_size), BACKGROUNDS[background])
+        draw = ImageDraw.Draw(image)
+        objects = []
+        for cell in cells:
+            shape = rng.choice(SHAPES)
+            fill = _random_color(rng, shape, BACKGROUNDS[background])
+            objects.append({**_place_object(rng, draw, cell, shape, fill, cell_size), "rgb": fill})
+        objects.sort(key=lambda o: (o["row"], o["col"]))
+        scenes.append(
+            {"image": image, "qa": shape_questions_for(objects), "objects": objects, "background": background}
+        )
+    return scenes
+
+
+class ColourWordSwap:
+    """Collator `input_noise`: in answers, a colour word right before a shape word is replaced, with
+    probability `probability`, by another palette colour in the input ids (the labels keep the true word).
+
+    A caption model learns from its training captions that "red" is never followed by "square" (a held-out
+    pair) and trusts that more than the image. With the colour word sometimes wrong, the word before the
+    shape stops being evidence for it and the model reads the shape from the image. The replacement never
+    forms a held-out pair with the shape that follows, so no held-out pair is ever written in training.
+    Colours and shapes must each be one token (with the leading space), as they are in the recipes'
+    tokenizers.
+
+    The draws are a function of `seed` and the example's token ids, not of a generator's state: the same
+    example gets the same replacement in every epoch, and a run resumed from a checkpoint sees exactly the
+    noise that the uninterrupted run saw (the data loader collates a batch ahead of the step that
+    `Trainer` checkpoints, so state-based draws would shift by one batch on resume).
+    """
+
+    def __init__(self, tokenizer: Any, probability: float = 0.5, seed: int = 0) -> None:
+        if not 0.0 <= probability <= 1.0:
+            raise ValueError(f"probability must be in [0, 1], got {probability}.")
+        self.probability = probability
+        self.seed = seed
+        self.color_ids = {self._single_id(tokenizer, c): c for c in COLORS}
+        self.shape_ids = {self._single_id(tokenizer, s): s for s in SHAPES}
+        by_name = {c: i for i, c in self.color_ids.items()}
+        # For each (true colour, next shape): the colour ids that may replace it.
+        self.replacements = {
+            (color, shape): [by_name[c] for c in COLORS if c != color and (c, shape) not in HELDOUT_PAIRS]
+            for color in COLORS
+            for shape in SHAPES
+        }
+
+    @staticmethod
+    def _single_id(tokenizer: Any, word: str) -> int:
+        ids = tokenizer.encode(" " + word, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(
+                f"ColourWordSwap needs {word!r} to be one token after a space, but the tokenizer splits it "
+                f"into {len(ids)}; train the tokenizer on the shapes captions (as the recipes do)."
+            )
+        return ids[0]
+
+    def __call__(self, ids: list[int], labels: list[int]) -> list[int]:
+        digest = hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()
+        rng = random.Random(f"colour_swap/{self.seed}/{digest}")
+        for t in range(len(ids) - 1):
+            color, shape = self.color_ids.get(ids[t]), self.shape_ids.get(ids[t + 1])
+            if color is None or shape is None or labels[t] == -100:
+                continue
+            if rng.random() < self.probability:
+                ids[t] = rng.choice(self.replacements[(color, shape)])
+        return ids
 
 
 class ShapesDataset(Dataset):

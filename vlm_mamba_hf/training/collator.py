@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,6 +159,10 @@ class VLMambaDataCollator:
         max_length: longest sequence in tokens, image tokens included; longer examples lose the end of their
             answers (logged as a warning and counted in `stats["truncated"]`). Image tokens are never cut.
         pad_to_multiple_of: round the padded length up to a multiple of this.
+        input_noise: optional `f(ids, labels) -> ids` applied to each example after tokenization. It may
+            replace input ids at answer positions only, never their labels: the model then learns to predict
+            each next token without trusting the one before it (`data.shapes.ColourWordSwap` does this for
+            colour words, so that the shape after "a red" comes from the image, not from the word "red").
 
     Examples whose image cannot be decoded, or with nothing left to supervise after truncation, are skipped
     with a logged warning and counted in `stats`. Examples without an image are text-only examples.
@@ -168,6 +172,7 @@ class VLMambaDataCollator:
     processor: Any
     max_length: int | None = 512
     pad_to_multiple_of: int | None = None
+    input_noise: Callable[[list[int], list[int]], list[int]] | None = None
     stats: dict[str, int] = field(
         default_factory=lambda: {"examples": 0, "skipped_images": 0, "skipped_empty": 0, "truncated": 0}
     )
@@ -202,6 +207,16 @@ class VLMambaDataCollator:
                 ids += [token] * count
                 labels += [IGNORE_INDEX] * count
         return ids, labels
+
+    def _apply_noise(self, ids: list[int], labels: list[int]) -> list[int]:
+        noisy = list(self.input_noise(list(ids), labels))
+        changed = [t for t, (a, b) in enumerate(zip(ids, noisy)) if a != b]
+        if len(noisy) != len(ids) or any(labels[t] == IGNORE_INDEX for t in changed):
+            raise ValueError(
+                "input_noise must return as many ids as it was given and change answer positions only "
+                "(labels != -100); it changed the length or a prompt, image or padding position."
+            )
+        return noisy
 
     def _truncate(self, ids: list[int], labels: list[int], n_images: int) -> tuple[int, int]:
         """Length to keep and images kept: cut at max_length, never inside a run of image tokens."""
@@ -242,6 +257,8 @@ class VLMambaDataCollator:
                 )
                 continue
             ids, labels = self.encode(messages)
+            if self.input_noise is not None:
+                ids = self._apply_noise(ids, labels)
             length, kept_images = self._truncate(ids, labels, len(decoded))
             if length < len(ids):
                 ids, labels = ids[:length], labels[:length]

@@ -98,10 +98,11 @@ from torch.utils.data import Dataset
 from transformers import Mamba2Config, MambaConfig
 
 from ..configuration_vlm_mamba import VLMambaConfig, VLMambaVisionConfig
-from ..data.shapes import CAPTION_PROMPT, make_shapes_split
+from ..data.shapes import CAPTION_PROMPT, ColourWordSwap, make_any_colour_scenes, make_shapes_split
 from ..image_processing_vlm_mamba import VLMambaImageProcessor
 from ..processing_vlm_mamba import VLMambaProcessor
 from ..tokenizer_utils import build_tokenizer
+from .collator import VLMambaDataCollator
 
 ASSISTANT_SYSTEM_TEXTS = ("USER:", "ASSISTANT:", "USER: <image>\n", "Describe the image.")
 
@@ -136,6 +137,12 @@ class Recipe:
     easy_vqa_limit: int | None = None
     easy_vqa_answer_types: tuple[str, ...] | None = None
     shapes_train_scenes: int = 8000
+    # Any-colour scenes (random RGB objects, colour-free shape questions; `make_any_colour_scenes`): they
+    # teach shape perception that does not depend on the colour, for the held-out colour-shape pairs.
+    any_colour_scenes: int = 8000
+    # Collator input noise `ColourWordSwap`: the probability that a colour word before a shape word in an
+    # answer is replaced by another colour in the input ids (labels unchanged). 0 turns it off.
+    colour_swap_probability: float = 0.5
     turns: int = 3
     max_length: int = 192
     # Focus stage: before the mixture, `focus_steps` steps on the easy-VQA questions whose answers are of
@@ -186,6 +193,8 @@ RECIPES: dict[str, Recipe] = {
         state_size=4,
         easy_vqa_limit=400,
         shapes_train_scenes=100,
+        any_colour_scenes=50,
+        colour_swap_probability=0.0,  # the 320-token vocabulary splits colour words
         focus_steps=0,
         batch_size=8,
         max_steps=10,
@@ -278,6 +287,18 @@ def shapes_examples(recipe: Recipe, split: str = "train", n: int | None = None) 
     return examples
 
 
+def any_colour_examples(recipe: Recipe) -> list[dict[str, Any]]:
+    """Per any-colour scene: one chat of up to `recipe.turns` of its colour-free questions."""
+    scenes = make_any_colour_scenes(recipe.any_colour_scenes, recipe.seed, recipe.scene_size)
+    rng = random.Random(f"any_colour/{recipe.seed}")
+    examples = []
+    for scene in scenes:
+        qa = list(scene["qa"])
+        rng.shuffle(qa)
+        examples.append(_chat(scene["image"], qa[: recipe.turns]))
+    return examples
+
+
 def focus_recipe(recipe: Recipe) -> Recipe:
     """The recipe of the focus stage: its question types, turns, steps and learning rate, no time budget."""
     if recipe.focus_steps < 0:
@@ -299,10 +320,19 @@ def build_focus_dataset(recipe: Recipe) -> ExampleList:
 
 
 def build_train_dataset(recipe: Recipe) -> ExampleList:
-    """The recipe's training mixture (easy-VQA chats + shapes captions and chats), shuffled with the seed."""
-    examples = easy_vqa_chats(recipe) + shapes_examples(recipe)
+    """The recipe's training mixture (easy-VQA chats, shapes captions and chats, any-colour shape chats),
+    shuffled with the seed."""
+    examples = easy_vqa_chats(recipe) + shapes_examples(recipe) + any_colour_examples(recipe)
     random.Random(f"mixture/{recipe.seed}").shuffle(examples)
     return ExampleList(examples)
+
+
+def build_collator(recipe: Recipe, processor) -> VLMambaDataCollator:
+    """The recipe's collator: its max_length and, when `colour_swap_probability` > 0, `ColourWordSwap`."""
+    noise = None
+    if recipe.colour_swap_probability > 0:
+        noise = ColourWordSwap(processor.tokenizer, recipe.colour_swap_probability, seed=recipe.seed)
+    return VLMambaDataCollator(processor, max_length=recipe.max_length, input_noise=noise)
 
 
 def recipe_texts(recipe: Recipe) -> list[str]:
@@ -392,6 +422,8 @@ __all__ = [
     "RECIPES",
     "ExampleList",
     "Recipe",
+    "any_colour_examples",
+    "build_collator",
     "build_model_config",
     "build_processor",
     "build_train_dataset",

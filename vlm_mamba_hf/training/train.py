@@ -34,9 +34,9 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..configuration_vlm_mamba import VLMambaConfig
 from ..data.easy_vqa import EASY_VQA_ANSWER_TYPES
 from ..modeling_vlm_mamba import VLMambaForConditionalGeneration
-from .collator import VLMambaDataCollator
 from .recipes import (
     Recipe,
+    build_collator,
     build_focus_dataset,
     build_model_config,
     build_processor,
@@ -606,7 +606,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model = apply_lora(model)
         model.print_trainable_parameters()
     train_dataset = build_train_dataset(recipe)
-    collator = VLMambaDataCollator(processor, max_length=recipe.max_length)
+    collator = build_collator(recipe, processor)
 
     overrides: dict[str, Any] = {"disable_tqdm": args.no_progress}
     if args.gradient_checkpointing:
