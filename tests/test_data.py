@@ -165,7 +165,7 @@ def test_any_colour_scenes_never_draw_a_heldout_pair_and_stay_visible():
     assert set(drawn) == {(s, c) for c in COLORS for s in SHAPES if c not in heldout_colours[s]}
 
 
-def test_any_colour_scenes_ask_only_colour_free_questions_answered_by_the_objects():
+def test_any_colour_scenes_have_colour_free_questions_and_description_matching_the_objects():
     for scene in make_any_colour_scenes(300, seed=1):
         positions = [o["position"] for o in scene["objects"]]
         assert positions == [
@@ -176,6 +176,15 @@ def test_any_colour_scenes_ask_only_colour_free_questions_answered_by_the_object
             assert answer == _answer_from_objects(question, scene["objects"]), question
         asked = {q for q, _ in scene["qa"] if q.startswith("what shape")}
         assert len(asked) == len(scene["objects"])
+        # The description names the drawn shapes in reading order, without colours.
+        size = scene["image"].width
+        drawn = sorted(
+            ((o["center"][1] * 3 // size, o["center"][0] * 3 // size), o["shape"]) for o in scene["objects"]
+        )
+        described = re.findall(
+            r"a (circle|square|triangle) (?:on|in|at) the ([a-z ]+?)(?=[.,]| and)", scene["caption"]
+        )
+        assert [(_POSITION_TO_CELL[p], shape) for shape, p in described] == drawn, scene["caption"]
 
 
 def test_thousand_scenes_generate_in_a_couple_of_seconds():

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from vlm_mamba_hf.data.shapes import COLORS, HELDOUT_PAIRS, SHAPES, ColourWordSwap
+from vlm_mamba_hf.data.shapes import COLORS, HELDOUT_PAIRS, SHAPES, SHAPES_PROMPT, ColourWordSwap
 from vlm_mamba_hf.modeling_vlm_mamba import VLMambaForConditionalGeneration
 from vlm_mamba_hf.training.collator import IGNORE_INDEX, VLMambaDataCollator, format_prompt
 from vlm_mamba_hf.training.recipes import (
@@ -273,16 +273,22 @@ def test_recipe_collator_uses_colour_swap_when_asked(recipe, default_processor):
     assert collator.max_length == get_recipe("default").max_length
 
 
-def test_any_colour_examples_are_chats_of_colour_free_questions(recipe):
-    examples = any_colour_examples(recipe.replace(any_colour_scenes=30))
-    assert len(examples) == 30
-    for example in examples:
+@pytest.mark.parametrize("captions", [True, False])
+def test_any_colour_examples_are_colour_free_chats_and_descriptions(recipe, captions):
+    run = recipe.replace(any_colour_scenes=30, any_colour_captions=captions)
+    examples = any_colour_examples(run)
+    chats = [e for e in examples if "messages" in e]
+    descriptions = [e for e in examples if "messages" not in e]
+    assert len(chats) == 30 and len(descriptions) == (30 if captions else 0)
+    for example in chats:
         answers = [m["content"] for m in example["messages"] if m["role"] == "assistant"]
         assert 1 <= len(answers) <= recipe.turns
         assert not set(answers) & set(COLORS)
-    assert len(build_train_dataset(recipe)) == len(
-        build_train_dataset(recipe.replace(any_colour_scenes=0))
-    ) + (recipe.any_colour_scenes)
+    for example in descriptions:
+        assert example["prompt"] == SHAPES_PROMPT
+        assert not [c for c in COLORS if c in example["answer"]]
+    without = len(build_train_dataset(run.replace(any_colour_scenes=0)))
+    assert len(build_train_dataset(run)) == without + 30 * (2 if captions else 1)
 
 
 def test_collator_error_names_remove_unused_columns(processor):

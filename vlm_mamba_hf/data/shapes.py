@@ -12,7 +12,8 @@ appears in training with other partners, so the split measures compositional gen
 model knows "red" and "square" but has never seen a red square.
 
 Any-colour scenes (`make_any_colour_scenes`): the same layout with every object in a random RGB colour and
-only colour-free questions ("what shape is at the top left?", counts). They teach the image path to see a
+only colour-free text: questions ("what shape is at the top left?", counts) and a description without
+colour words ("a square at the top left and a circle on the right."). They teach the image path to see a
 shape whatever its colour, so that it recognises a red square it has never seen. They keep the held-out
 promise: an object is never drawn in a colour whose nearest palette colour would pair it into
 ``HELDOUT_PAIRS`` (no square is nearest to palette red), and no colour is named.
@@ -71,6 +72,8 @@ _PREPOSITIONS = {"left": "on the", "right": "on the", "center": "in the"}
 NUMBER_WORDS: tuple[str, ...] = tuple("zero one two three four five six seven eight nine".split())
 
 CAPTION_PROMPT = "Describe the image."
+# The prompt of the colour-free description of any-colour scenes.
+SHAPES_PROMPT = "Describe the shapes."
 
 # Shape extent as a fraction of a grid cell; the rest of the cell is room for position jitter.
 _MIN_EXTENT, _MAX_EXTENT = 0.55, 0.85
@@ -90,10 +93,12 @@ def _with_article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def caption_for(objects: list[dict[str, Any]]) -> str:
-    """Canonical caption of a scene: objects in reading order of their grid cells."""
+def caption_for(objects: list[dict[str, Any]], with_colors: bool = True) -> str:
+    """Canonical caption of a scene: objects in reading order of their grid cells; without the colour
+    words when `with_colors` is False (the description of any-colour scenes)."""
     ordered = sorted(objects, key=lambda o: (o["row"], o["col"]))
-    parts = [f"{_with_article(o['color'])} {o['shape']} {position_phrase(o['position'])}" for o in ordered]
+    names = [f"{o['color']} {o['shape']}" if with_colors else o["shape"] for o in ordered]
+    parts = [f"{_with_article(name)} {position_phrase(o['position'])}" for name, o in zip(names, ordered)]
     if len(parts) == 1:
         text = parts[0]
     else:
@@ -253,8 +258,10 @@ def shape_questions_for(objects: list[dict[str, Any]]) -> list[tuple[str, str]]:
 def make_any_colour_scenes(
     n: int, seed: int, image_size: int = 64, min_objects: int = 1, max_objects: int = 3
 ) -> list[dict[str, Any]]:
-    """Draw n training scenes whose objects have random RGB colours: dicts {"image", "qa", "objects",
-    "background"}, with colour-free questions only (see the module docstring). Deterministic by seed."""
+    """Draw n training scenes whose objects have random RGB colours: dicts {"image", "caption", "qa",
+    "objects", "background"}, with a colour-free caption ("a square at the top left and a circle on the
+    right.", for `SHAPES_PROMPT`) and colour-free questions only (see the module docstring). Deterministic by
+    seed."""
     _check_scene_args(n, image_size, min_objects, max_objects)
     rng = random.Random(f"vlm_mamba_hf.shapes/any_colour/{seed}")
     cell_size = image_size / 3
@@ -271,7 +278,13 @@ def make_any_colour_scenes(
             objects.append({**_place_object(rng, draw, cell, shape, fill, cell_size), "rgb": fill})
         objects.sort(key=lambda o: (o["row"], o["col"]))
         scenes.append(
-            {"image": image, "qa": shape_questions_for(objects), "objects": objects, "background": background}
+            {
+                "image": image,
+                "caption": caption_for(objects, with_colors=False),
+                "qa": shape_questions_for(objects),
+                "objects": objects,
+                "background": background,
+            }
         )
     return scenes
 

@@ -98,7 +98,13 @@ from torch.utils.data import Dataset
 from transformers import Mamba2Config, MambaConfig
 
 from ..configuration_vlm_mamba import VLMambaConfig, VLMambaVisionConfig
-from ..data.shapes import CAPTION_PROMPT, ColourWordSwap, make_any_colour_scenes, make_shapes_split
+from ..data.shapes import (
+    CAPTION_PROMPT,
+    SHAPES_PROMPT,
+    ColourWordSwap,
+    make_any_colour_scenes,
+    make_shapes_split,
+)
 from ..image_processing_vlm_mamba import VLMambaImageProcessor
 from ..processing_vlm_mamba import VLMambaProcessor
 from ..tokenizer_utils import build_tokenizer
@@ -140,6 +146,8 @@ class Recipe:
     # Any-colour scenes (random RGB objects, colour-free shape questions; `make_any_colour_scenes`): they
     # teach shape perception that does not depend on the colour, for the held-out colour-shape pairs.
     any_colour_scenes: int = 8000
+    # Per any-colour scene, also its colour-free description (`SHAPES_PROMPT`) as a single-turn example.
+    any_colour_captions: bool = True
     # Collator input noise `ColourWordSwap`: the probability that a colour word before a shape word in an
     # answer is replaced by another colour in the input ids (labels unchanged). 0 turns it off.
     colour_swap_probability: float = 0.5
@@ -288,11 +296,14 @@ def shapes_examples(recipe: Recipe, split: str = "train", n: int | None = None) 
 
 
 def any_colour_examples(recipe: Recipe) -> list[dict[str, Any]]:
-    """Per any-colour scene: one chat of up to `recipe.turns` of its colour-free questions."""
+    """Per any-colour scene: one chat of up to `recipe.turns` of its colour-free questions and, with
+    `recipe.any_colour_captions`, its colour-free description."""
     scenes = make_any_colour_scenes(recipe.any_colour_scenes, recipe.seed, recipe.scene_size)
     rng = random.Random(f"any_colour/{recipe.seed}")
     examples = []
     for scene in scenes:
+        if recipe.any_colour_captions:
+            examples.append({"image": scene["image"], "prompt": SHAPES_PROMPT, "answer": scene["caption"]})
         qa = list(scene["qa"])
         rng.shuffle(qa)
         examples.append(_chat(scene["image"], qa[: recipe.turns]))
@@ -346,6 +357,12 @@ def recipe_texts(recipe: Recipe) -> list[str]:
     for scene in make_shapes_split("train", recipe.shapes_train_scenes, recipe.seed, recipe.scene_size):
         texts.append(scene["caption"])
         texts += [f"{q} {a}" for q, a in scene["qa"]]
+    if recipe.any_colour_scenes and recipe.any_colour_captions:
+        texts.append(SHAPES_PROMPT)
+        # The colour-free descriptions reuse the caption words; a few of them give the tokenizer their spacing.
+        texts += [
+            s["caption"] for s in make_any_colour_scenes(min(recipe.any_colour_scenes, 200), recipe.seed)
+        ]
     return texts
 
 

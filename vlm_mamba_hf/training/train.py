@@ -382,14 +382,32 @@ def model_card_sections(summary: dict[str, Any]) -> dict[str, str]:
         f"lr {recipe['learning_rate']}{vision_lr}, {recipe['lr_scheduler_type']} schedule, batch "
         f"{recipe['batch_size']} x {recipe['grad_accum']} x {summary['world_size']} process(es)). {focus_text}"
         f"The mixture: {summary['steps']} steps ({summary['train_seconds'] / 60:.1f} min, "
-        f"{summary['examples_per_second']:.1f} sequences/s) on {summary.get('machine', 'CPU')}.\n\n"
+        f"{summary['examples_per_second']:.1f} sequences/s) on {summary.get('machine', 'CPU')}."
+    )
+    data = (
         "Data: the easy-VQA train split (4,000 images, 38,575 questions; the questions of each image grouped "
         f"into chats of up to {recipe['turns']} turns), and {recipe['shapes_train_scenes']} procedural shape scenes "
         "(`vlm_mamba_hf.data.shapes`, train split: 1-3 coloured circles, squares and triangles on a 3x3 grid) "
         "with their canonical caption and template questions. The colour-shape pairs red square, green "
-        "triangle and blue circle never appear in training. The byte-level BPE tokenizer "
-        f"({summary.get('vocab_size', recipe['vocab_size'])} tokens) is trained on the recipe's text."
+        "triangle and blue circle never appear in training."
     )
+    if recipe.get("any_colour_scenes"):
+        described = " and a description without colours" if recipe.get("any_colour_captions") else ""
+        data += (
+            f" Also {recipe['any_colour_scenes']} any-colour scenes (the same layout, objects in random RGB colours, "
+            "never one whose nearest palette colour makes a held-out pair) with colour-free shape and count "
+            f"questions{described}."
+        )
+    if recipe.get("colour_swap_probability"):
+        data += (
+            f" In answers, {recipe['colour_swap_probability']:.0%} of the colour words before a shape are replaced "
+            "in the input ids (not the labels) by another colour that forms no held-out pair (`ColourWordSwap`)."
+        )
+    data += (
+        f" The byte-level BPE tokenizer ({summary.get('vocab_size', recipe['vocab_size'])} tokens) is trained on "
+        "the recipe's text."
+    )
+    sources += "\n\n" + data
     if evaluation:
         vqa = evaluation["easy_vqa_test"]
         held, test = evaluation["shapes_heldout_captions"], evaluation["shapes_test_captions"]
