@@ -392,7 +392,14 @@ def main() -> None:
     if args.reuse_llava:
         earlier = json.loads(Path(args.reuse_llava).read_text())
         if earlier["recipe"] != recipe_as_stored:
-            raise SystemExit(f"--reuse-llava: {args.reuse_llava} was run with another recipe.")
+            differing = sorted(
+                k
+                for k in set(earlier["recipe"]) | set(recipe_as_stored)
+                if earlier["recipe"].get(k) != recipe_as_stored.get(k)
+            )
+            raise SystemExit(
+                f"--reuse-llava: {args.reuse_llava} was run with another recipe (fields differing: {differing})."
+            )
         runs["llava"] = earlier["runs"]["llava"]
         runs["llava"]["source"] = f"reused from {args.reuse_llava} ({earlier.get('date', 'earlier run')})"
     else:
