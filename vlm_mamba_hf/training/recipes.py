@@ -93,7 +93,7 @@ Why the default model looks the way it does (measured on the 2-core CPU of this 
         200 scenes; not used.
     Full 27-minute runs (one thread, each beside its LLaVA run), easy-VQA / held-out caption exact match /
     test caption exact match:
-      8000 any-colour scenes, questions only, swap 0.5    98.4% / 17.8% / 80.0% (5,854 mixture steps;
+      8000 any-colour scenes, questions only, swap 0.5    98.3% / 17.8% / 80.0% (5,854 mixture steps;
       (the default, shipped):                            unseen-pair shapes in captions 25%, in "what
                                                          shape" answers 85%)
       the same with the colour-free descriptions:         93.1% / 21.6% / 91.8% (5,577 steps; yes/no
