@@ -246,7 +246,8 @@ def side_by_side_throughput(
         [dataset[(i * recipe.batch_size + j) % len(dataset)] for j in range(recipe.batch_size)]
         for i in range(warmup + steps)
     ]
-    batches = {name: [build_collator(recipe, processors[name])(e) for e in examples] for name in models}
+    collators = {name: build_collator(recipe, processors[name]) for name in models}
+    batches = {name: [collators[name](e) for e in examples] for name in models}
     optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
     # VLMamba a second time with the fused CPU kernels off: the pure-PyTorch path, in the same alternation.

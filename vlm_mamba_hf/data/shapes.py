@@ -106,14 +106,18 @@ def caption_for(objects: list[dict[str, Any]], with_colors: bool = True) -> str:
     return text + "."
 
 
+def _count_questions(objects: list[dict[str, Any]], shape_counts: Counter) -> list[tuple[str, str]]:
+    qa = [("how many shapes are there?", NUMBER_WORDS[len(objects)])]
+    return qa + [(f"how many {_plural(s)} are there?", NUMBER_WORDS[shape_counts[s]]) for s in SHAPES]
+
+
 def questions_for(
     objects: list[dict[str, Any]], rng: random.Random, negative_pairs: tuple[tuple[str, str], ...]
 ) -> list[tuple[str, str]]:
     """Template QA pairs answerable from the objects; absent pairs for "no" answers come from negative_pairs."""
     ordered = sorted(objects, key=lambda o: (o["row"], o["col"]))
     shape_counts = Counter(o["shape"] for o in ordered)
-    qa = [("how many shapes are there?", NUMBER_WORDS[len(ordered)])]
-    qa += [(f"how many {_plural(s)} are there?", NUMBER_WORDS[shape_counts[s]]) for s in SHAPES]
+    qa = _count_questions(ordered, shape_counts)
     qa += [(f"what color is the {o['shape']}?", o["color"]) for o in ordered if shape_counts[o["shape"]] == 1]
     for o in ordered:
         phrase = position_phrase(o["position"])
@@ -148,16 +152,17 @@ def nearest_color_name(rgb: tuple[int, int, int]) -> str:
     return min(COLORS, key=lambda name: sum((a - b) ** 2 for a, b in zip(COLORS[name], rgb)))
 
 
-_HELDOUT_COLOR_OF: dict[str, set[str]] = {}
-for _color, _shape in HELDOUT_PAIRS:
-    _HELDOUT_COLOR_OF.setdefault(_shape, set()).add(_color)
+# Shape -> the colours it is held out with.
+_HELDOUT_COLOR_OF: dict[str, set[str]] = {
+    shape: {c for c, s in HELDOUT_PAIRS if s == shape} for shape in SHAPES
+}
 # Smallest RGB distance between an any-colour object and its background, so that every object is visible.
 _MIN_CONTRAST = 80
 
 
 def _random_color(rng: random.Random, shape: str, background: tuple[int, int, int]) -> tuple[int, int, int]:
     """A random visible colour for `shape` whose nearest palette colour does not pair it into HELDOUT_PAIRS."""
-    forbidden = _HELDOUT_COLOR_OF.get(shape, set())
+    forbidden = _HELDOUT_COLOR_OF[shape]
     while True:
         rgb = (rng.randrange(256), rng.randrange(256), rng.randrange(256))
         contrast = sum((a - b) ** 2 for a, b in zip(rgb, background)) ** 0.5
@@ -248,9 +253,7 @@ def make_shapes_split(
 
 def shape_questions_for(objects: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """Colour-free QA pairs: the shape at each object's position and the counts of shapes."""
-    shape_counts = Counter(o["shape"] for o in objects)
-    qa = [("how many shapes are there?", NUMBER_WORDS[len(objects)])]
-    qa += [(f"how many {_plural(s)} are there?", NUMBER_WORDS[shape_counts[s]]) for s in SHAPES]
+    qa = _count_questions(objects, Counter(o["shape"] for o in objects))
     qa += [(f"what shape is {position_phrase(o['position'])}?", o["shape"]) for o in objects]
     return qa
 

@@ -86,8 +86,8 @@ Why the default model looks the way it does (measured on the 2-core CPU of this 
     ("red" is never followed by "square" in training) outweighed the image. Probes, fine-tuning that model
     for 1,500 steps on the mixture at 3e-4:
       colour-word swap at 0.5 / 0.9 / none: unseen-pair shapes in captions 24 / 27 / 4 of 228 objects
-      + 8000 / 16000 any-colour scenes (questions only): held-out "what shape" answers 80% / 82% (was 65%),
-        unseen-pair shapes in captions 39 / 39 of 228
+      swap at 0.5 + 8000 / 16000 any-colour scenes (questions only): held-out "what shape" answers 80% /
+        82% (65% with the swap alone), unseen-pair shapes in captions 39 / 39 of 228
       decoding with image guidance instead (logits + a * (logits - logits on a blank image of the same
         background)), a = 1: unseen-pair shapes 10 -> 31 of 228 but test-caption exact match 159 -> 130 of
         200 scenes; not used.
