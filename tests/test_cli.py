@@ -109,3 +109,23 @@ def test_default_model_loads_in_the_image_text_to_text_pipeline(default_model):
     image = PIL.Image.open(ASSETS_DIR / "shapes_test_0.png").convert("RGB")
     direct = generate_answers(model, processor, [image], ["Describe the image."], max_new_tokens=48)[0]
     assert out[0]["generated_text"].strip() == direct
+
+
+def test_demo_samples_are_the_generators_scenes_with_their_references():
+    """The bundled shape samples are scenes of `make_shapes_split` (seed 0, 64 px): the same pixels, and the
+    demo's references are those scenes' caption and answers, so they follow any change of the templates."""
+    import json
+
+    from vlm_mamba_hf.data.shapes import make_shapes_split
+
+    samples = json.loads((ASSETS_DIR / "samples.json").read_text())
+    shape_samples = [s for s in samples if s["file"].startswith("shapes_")]
+    assert len(shape_samples) >= 2
+    for sample in shape_samples:
+        split, index = sample["file"].removesuffix(".png").split("_")[1:]
+        scene = make_shapes_split(split, int(index) + 1, seed=0, image_size=64)[int(index)]
+        image = PIL.Image.open(ASSETS_DIR / sample["file"]).convert("RGB")
+        assert image.tobytes() == scene["image"].tobytes(), sample["file"]
+        assert sample["caption"] == scene["caption"]
+        answers = dict(scene["qa"])
+        assert all(answers[qa["question"]] == qa["answer"] for qa in sample["questions"])

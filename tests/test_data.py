@@ -18,6 +18,7 @@ from vlm_mamba_hf.data.shapes import (
     SHAPES,
     SPLITS,
     ShapesDataset,
+    colour_description_for,
     make_any_colour_scenes,
     make_shapes_split,
     nearest_color_name,
@@ -25,7 +26,7 @@ from vlm_mamba_hf.data.shapes import (
 
 _POSITION_TO_CELL = {name: cell for cell, name in POSITIONS.items()}
 _OBJECT_PHRASE = re.compile(
-    r"an? (?P<color>\w+) (?P<shape>\w+) (?:on|in|at) the (?P<position>top left|top right|bottom left|"
+    r"an? (?P<shape>\w+) in (?P<color>\w+) (?:on|in|at) the (?P<position>top left|top right|bottom left|"
     r"bottom right|top|bottom|left|right|center)"
 )
 
@@ -62,7 +63,8 @@ def test_scene_content_does_not_depend_on_image_size():
 @pytest.mark.parametrize("split", ["train", "val", "test"])
 def test_heldout_pairs_never_drawn_or_named_outside_heldout(split):
     scenes = make_shapes_split(split, 2000, seed=0)
-    named = [f"{c} {s}" for c, s in HELDOUT_PAIRS]
+    # Questions name a pair colour first ("is there a red square?"), captions shape first ("square in red").
+    named = [f"{c} {s}" for c, s in HELDOUT_PAIRS] + [f"{s} in {c}" for c, s in HELDOUT_PAIRS]
     for scene in scenes:
         assert not {(o["color"], o["shape"]) for o in scene["objects"]} & HELDOUT_PAIRS
         texts = [scene["caption"]] + [f"{q} {a}" for q, a in scene["qa"]]
@@ -105,6 +107,15 @@ def test_caption_names_drawn_objects_in_reading_order(split):
         assert described == sorted(drawn), scene["caption"]
         assert len({cell for cell, _, _ in drawn}) == len(drawn)
         assert scene["caption"].endswith(".")
+
+
+def test_colour_description_names_each_objects_colour_and_position_in_reading_order():
+    for scene in make_shapes_split("train", 200, seed=3):
+        text = colour_description_for(scene["objects"])
+        described = re.findall(r"(\w+) (?:on|in|at) the ([a-z ]+?)(?=[.,]| and)", text)
+        objects = sorted(scene["objects"], key=lambda o: (o["row"], o["col"]))
+        assert described == [(o["color"], o["position"]) for o in objects], text
+        assert not [s for s in SHAPES if s in text] and text.endswith(".")
 
 
 def _answer_from_objects(question, objects):

@@ -13,7 +13,15 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from vlm_mamba_hf.data.shapes import COLORS, HELDOUT_PAIRS, SHAPES, SHAPES_PROMPT, ColourWordSwap
+from vlm_mamba_hf.data.shapes import (
+    CAPTION_PROMPT,
+    COLORS,
+    COLOURS_PROMPT,
+    HELDOUT_PAIRS,
+    SHAPES,
+    SHAPES_PROMPT,
+    ShapeWordSwap,
+)
 from vlm_mamba_hf.modeling_vlm_mamba import VLMambaForConditionalGeneration
 from vlm_mamba_hf.training.collator import IGNORE_INDEX, VLMambaDataCollator, format_prompt
 from vlm_mamba_hf.training.recipes import (
@@ -27,6 +35,8 @@ from vlm_mamba_hf.training.recipes import (
     easy_vqa_chats,
     focus_recipe,
     get_recipe,
+    recipe_texts,
+    shapes_examples,
 )
 from vlm_mamba_hf.training.train import (
     VLMambaTrainer,
@@ -73,7 +83,7 @@ def _qa(answer="red", question="what color is the shape?", image=True):
 
 
 def _random_answer_noise(vocab_size, probability=0.3, seed=0):
-    """Input noise keyed by the example's ids (as ColourWordSwap's): each answer token replaced with
+    """Input noise keyed by the example's ids (as ShapeWordSwap's): each answer token replaced with
     `probability` by a random token."""
 
     def noise(ids, labels):
@@ -209,15 +219,18 @@ def _words(tokenizer, ids):
     return tokenizer.decode(ids).replace(",", " ").replace(".", " ").split()
 
 
-def test_colour_word_swap_replaces_colours_before_shapes_in_answers_only(default_processor):
+def test_shape_word_swap_replaces_shapes_before_colours_in_answers_only(default_processor):
     tokenizer = default_processor.tokenizer
-    collator = VLMambaDataCollator(default_processor, input_noise=ColourWordSwap(tokenizer, probability=1.0))
-    caption = "a red circle at the top left, a blue square in the center and a green circle on the right."
+    collator = VLMambaDataCollator(default_processor, input_noise=ShapeWordSwap(tokenizer, probability=1.0))
+    caption = (
+        "a circle in red at the top left, a square in yellow at the top, a triangle in purple in the center "
+        "and a square in orange on the right."
+    )
     chat = {
         "messages": [
             {
                 "role": "user",
-                "content": [{"type": "image"}, {"type": "text", "text": "is there a red circle?"}],
+                "content": [{"type": "image"}, {"type": "text", "text": "is the circle in red?"}],
             },
             {"role": "assistant", "content": "yes"},
             {"role": "user", "content": "Describe the image."},
@@ -237,39 +250,48 @@ def test_colour_word_swap_replaces_colours_before_shapes_in_answers_only(default
         answer = clean["labels"][0] != IGNORE_INDEX
         assert torch.equal(
             batch["input_ids"][0][~answer], clean["input_ids"][0][~answer]
-        )  # the question keeps "red"
+        )  # the question keeps "circle in red"
         words = _words(tokenizer, batch["input_ids"][0][answer].tolist())
         true = _words(tokenizer, clean["input_ids"][0][answer].tolist())
-        pairs = [(w, n) for w, n in zip(words, words[1:]) if n in SHAPES]
-        true_pairs = [(w, n) for w, n in zip(true, true[1:]) if n in SHAPES]
-        assert [n for _, n in pairs] == [n for _, n in true_pairs]
-        for (colour, shape), (true_colour, _) in zip(pairs, true_pairs):
-            assert colour in COLORS and colour != true_colour  # probability 1: always another colour
+        pairs = [(w, c) for w, link, c in zip(words, words[1:], words[2:]) if link == "in" and c in COLORS]
+        true_pairs = [(w, c) for w, link, c in zip(true, true[1:], true[2:]) if link == "in" and c in COLORS]
+        assert len(true_pairs) == 4 and [c for _, c in pairs] == [c for _, c in true_pairs]
+        for (shape, colour), (true_shape, _) in zip(pairs, true_pairs):
+            assert shape in SHAPES and shape != true_shape  # probability 1: always another shape
             assert (colour, shape) not in HELDOUT_PAIRS  # never writes a held-out pair
+        assert pairs[0] == ("triangle", "red")  # not "square in red": the only other shape left
         seen.append(tuple(pairs))
     assert len(set(seen)) > 5  # the replacements are random, not one fixed rewrite
 
 
-def test_colour_word_swap_probability_zero_is_the_identity_and_bad_input_is_refused(default_processor):
+def test_shape_word_swap_probability_zero_is_the_identity_and_bad_input_is_refused(default_processor):
     tokenizer = default_processor.tokenizer
-    example = _qa(answer="a red circle at the top left.", question="Describe the image.")
+    example = _qa(answer="a circle in yellow at the top left.", question="Describe the image.")
     clean = VLMambaDataCollator(default_processor)([example])
-    off = VLMambaDataCollator(default_processor, input_noise=ColourWordSwap(tokenizer, probability=0.0))(
+    off = VLMambaDataCollator(default_processor, input_noise=ShapeWordSwap(tokenizer, probability=0.0))(
         [example]
     )
     assert torch.equal(off["input_ids"], clean["input_ids"])
+    # A shape followed by a position, not a colour ("a square in the center"), is never replaced.
+    description = _qa(
+        answer="a square in the center and a circle on the right.", question="Describe the shapes."
+    )
+    always = VLMambaDataCollator(default_processor, input_noise=ShapeWordSwap(tokenizer, probability=1.0))
+    assert torch.equal(
+        always([description])["input_ids"], VLMambaDataCollator(default_processor)([description])["input_ids"]
+    )
     with pytest.raises(ValueError, match="probability"):
-        ColourWordSwap(tokenizer, probability=1.5)
+        ShapeWordSwap(tokenizer, probability=1.5)
     tiny_tokenizer = build_processor(get_recipe("tiny")).tokenizer  # 320 tokens: colour words split
     with pytest.raises(ValueError, match="one token"):
-        ColourWordSwap(tiny_tokenizer)
+        ShapeWordSwap(tiny_tokenizer)
 
 
-def test_recipe_collator_uses_colour_swap_when_asked(recipe, default_processor):
+def test_recipe_collator_uses_shape_swap_when_asked(recipe, default_processor):
     assert build_collator(recipe, default_processor).input_noise is None  # tiny: off
     collator = build_collator(get_recipe("default"), default_processor)
-    assert isinstance(collator.input_noise, ColourWordSwap)
-    assert collator.input_noise.probability == get_recipe("default").colour_swap_probability > 0
+    assert isinstance(collator.input_noise, ShapeWordSwap)
+    assert collator.input_noise.probability == get_recipe("default").shape_swap_probability > 0
     assert collator.max_length == get_recipe("default").max_length
 
 
@@ -289,6 +311,24 @@ def test_any_colour_examples_are_colour_free_chats_and_descriptions(recipe, capt
         assert not [c for c in COLORS if c in example["answer"]]
     without = len(build_train_dataset(run.replace(any_colour_scenes=0)))
     assert len(build_train_dataset(run)) == without + 30 * (2 if captions else 1)
+
+
+def test_colour_captions_add_one_shape_free_description_per_scene(recipe):
+    run = recipe.replace(shapes_train_scenes=20, colour_captions=True)
+    examples = shapes_examples(run)
+    colours = [e for e in examples if e.get("prompt") == COLOURS_PROMPT]
+    captions = [e for e in examples if e.get("prompt") == CAPTION_PROMPT]
+    assert len(colours) == len(captions) == 20
+    for colour, caption in zip(colours, captions):
+        assert colour["image"] is caption["image"]
+        assert not [s for s in SHAPES if s in colour["answer"]]
+        # The same colours in the same order as the caption names them.
+        named = [w for w in caption["answer"].replace(",", " ").replace(".", " ").split() if w in COLORS]
+        assert [
+            w for w in colour["answer"].replace(",", " ").replace(".", " ").split() if w in COLORS
+        ] == named
+    assert len(shapes_examples(run.replace(colour_captions=False))) == len(examples) - 20
+    assert COLOURS_PROMPT in recipe_texts(run) and colours[0]["answer"] in recipe_texts(run)
 
 
 def test_collator_error_names_remove_unused_columns(processor):
@@ -511,7 +551,7 @@ class _StopAt(TrainerCallback):
 @pytest.mark.parametrize("noise", [False, True], ids=["plain", "input-noise"])
 def test_resume_from_checkpoint_matches_uninterrupted_run(recipe, processor, train_dataset, tmp_path, noise):
     run = recipe.replace(max_steps=6, save_steps=3, batch_size=4)
-    # With input noise keyed by the example (as ColourWordSwap's), the resumed run sees the same noise as the
+    # With input noise keyed by the example (as ShapeWordSwap's), the resumed run sees the same noise as the
     # uninterrupted one. (Noise from torch's generator would not: the data loader collates a batch ahead.)
     input_noise = _random_answer_noise(len(processor.tokenizer)) if noise else None
     collator = VLMambaDataCollator(processor, input_noise=input_noise)

@@ -18,6 +18,14 @@ shape whatever its colour, so that it recognises a red square it has never seen.
 promise: an object is never drawn in a colour whose nearest palette colour would pair it into
 ``HELDOUT_PAIRS`` (no square is nearest to palette red), and no colour is named.
 
+Captions name each object's shape before its colour ("a square in red at the top left"). In the other
+order ("a red square") a caption model learns from its training captions that "red" is never followed by
+"square" and, on a held-out red square, writes the shape that that prior allows rather than the one in the
+image. Named second, the colour has to override the opposite prior ("square in" is never followed by "red"),
+and the image wins that contest far more often: fine-tuning the same model for 1,500 steps on each order,
+the shape-first one captioned 129 of 200 held-out scenes exactly against 44 (`vlm_mamba_hf.training.recipes`
+notes).
+
 The space of captions is small, so the same caption (with a different image: jittered positions,
 sizes and background) can appear in both "train" and "test"; only "heldout" is disjoint by design.
 """
@@ -74,6 +82,8 @@ NUMBER_WORDS: tuple[str, ...] = tuple("zero one two three four five six seven ei
 CAPTION_PROMPT = "Describe the image."
 # The prompt of the colour-free description of any-colour scenes.
 SHAPES_PROMPT = "Describe the shapes."
+# The prompt of the shape-free colour description of palette scenes (`colour_description_for`).
+COLOURS_PROMPT = "Describe the colours."
 
 # Shape extent as a fraction of a grid cell; the rest of the cell is room for position jitter.
 _MIN_EXTENT, _MAX_EXTENT = 0.55, 0.85
@@ -93,16 +103,36 @@ def _with_article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
+# The word between an object's shape and its colour in captions ("square in red").
+COLOR_LINK = "in"
+
+
+def object_phrase(shape: str, color: str | None = None) -> str:
+    """How a caption names one object: "square in red" (shape first, see the module docstring), or "square"
+    without a colour."""
+    return shape if color is None else f"{shape} {COLOR_LINK} {color}"
+
+
 def caption_for(objects: list[dict[str, Any]], with_colors: bool = True) -> str:
-    """Canonical caption of a scene: objects in reading order of their grid cells; without the colour
-    words when `with_colors` is False (the description of any-colour scenes)."""
+    """Canonical caption of a scene: objects in reading order of their grid cells ("a square in red at the
+    top left and a circle in blue on the right."); without the colour words when `with_colors` is False
+    (the description of any-colour scenes)."""
     ordered = sorted(objects, key=lambda o: (o["row"], o["col"]))
-    names = [f"{o['color']} {o['shape']}" if with_colors else o["shape"] for o in ordered]
-    parts = [f"{_with_article(name)} {position_phrase(o['position'])}" for name, o in zip(names, ordered)]
-    if len(parts) == 1:
-        text = parts[0]
-    else:
-        text = ", ".join(parts[:-1]) + " and " + parts[-1]
+    names = [_with_article(object_phrase(o["shape"], o["color"] if with_colors else None)) for o in ordered]
+    return _listing(names, ordered)
+
+
+def colour_description_for(objects: list[dict[str, Any]]) -> str:
+    """The colours of a scene without its shapes, in reading order ("red at the top left and blue on the
+    right."; for `COLOURS_PROMPT`): colour at a position, read in a caption's sequence with no shape word
+    before it to lean on."""
+    ordered = sorted(objects, key=lambda o: (o["row"], o["col"]))
+    return _listing([o["color"] for o in ordered], ordered)
+
+
+def _listing(names: list[str], ordered: list[dict[str, Any]]) -> str:
+    parts = [f"{name} {position_phrase(o['position'])}" for name, o in zip(names, ordered)]
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return text + "."
 
 
@@ -292,15 +322,15 @@ def make_any_colour_scenes(
     return scenes
 
 
-class ColourWordSwap:
-    """Collator `input_noise`: in answers, a colour word right before a shape word is replaced, with
-    probability `probability`, by another palette colour in the input ids (the labels keep the true word).
+class ShapeWordSwap:
+    """Collator `input_noise`: in answers, a shape word that a colour follows ("square in red") is replaced,
+    with probability `probability`, by another shape in the input ids (the labels keep the true word).
 
-    A caption model learns from its training captions that "red" is never followed by "square" (a held-out
-    pair) and trusts that more than the image. With the colour word sometimes wrong, the word before the
-    shape stops being evidence for it and the model reads the shape from the image. The replacement never
-    forms a held-out pair with the shape that follows, so no held-out pair is ever written in training.
-    Colours and shapes must each be one token (with the leading space), as they are in the recipes'
+    A caption model learns from its training captions that "square in" is never followed by "red" (a held-out
+    pair) and may trust that more than the image. With the shape word sometimes wrong, the word before the
+    colour stops being evidence for it and the model reads the colour from the image. The replacement never
+    forms a held-out pair with the colour that follows, so no held-out pair is ever written in training.
+    Colours, shapes and "in" must each be one token (with the leading space), as they are in the recipes'
     tokenizers.
 
     The draws are a function of `seed` and the example's token ids, not of a generator's state: the same
@@ -316,10 +346,11 @@ class ColourWordSwap:
         self.seed = seed
         self.color_ids = {self._single_id(tokenizer, c): c for c in COLORS}
         self.shape_ids = {self._single_id(tokenizer, s): s for s in SHAPES}
-        by_name = {c: i for i, c in self.color_ids.items()}
-        # For each (true colour, next shape): the colour ids that may replace it.
+        self.link_id = self._single_id(tokenizer, COLOR_LINK)
+        by_name = {s: i for i, s in self.shape_ids.items()}
+        # For each (true shape, next colour): the shape ids that may replace it.
         self.replacements = {
-            (color, shape): [by_name[c] for c in COLORS if c != color and (c, shape) not in HELDOUT_PAIRS]
+            (shape, color): [by_name[s] for s in SHAPES if s != shape and (color, s) not in HELDOUT_PAIRS]
             for color in COLORS
             for shape in SHAPES
         }
@@ -329,20 +360,20 @@ class ColourWordSwap:
         ids = tokenizer.encode(" " + word, add_special_tokens=False)
         if len(ids) != 1:
             raise ValueError(
-                f"ColourWordSwap needs {word!r} to be one token after a space, but the tokenizer splits it "
+                f"ShapeWordSwap needs {word!r} to be one token after a space, but the tokenizer splits it "
                 f"into {len(ids)}; train the tokenizer on the shapes captions (as the recipes do)."
             )
         return ids[0]
 
     def __call__(self, ids: list[int], labels: list[int]) -> list[int]:
         digest = hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()
-        rng = random.Random(f"colour_swap/{self.seed}/{digest}")
-        for t in range(len(ids) - 1):
-            color, shape = self.color_ids.get(ids[t]), self.shape_ids.get(ids[t + 1])
-            if color is None or shape is None or labels[t] == -100:
+        rng = random.Random(f"shape_swap/{self.seed}/{digest}")
+        for t in range(len(ids) - 2):
+            shape, color = self.shape_ids.get(ids[t]), self.color_ids.get(ids[t + 2])
+            if shape is None or color is None or ids[t + 1] != self.link_id or labels[t] == -100:
                 continue
             if rng.random() < self.probability:
-                ids[t] = rng.choice(self.replacements[(color, shape)])
+                ids[t] = rng.choice(self.replacements[(shape, color)])
         return ids
 
 

@@ -161,8 +161,8 @@ class VLMambaDataCollator:
         pad_to_multiple_of: round the padded length up to a multiple of this.
         input_noise: optional `f(ids, labels) -> ids` applied to each example after tokenization. It may
             replace input ids at answer positions only, never their labels: the model then learns to predict
-            each next token without trusting the one before it (`data.shapes.ColourWordSwap` does this for
-            colour words, so that the shape after "a red" comes from the image, not from the word "red").
+            each next token without trusting the one before it (`data.shapes.ShapeWordSwap` does this for
+            shape words, so that the colour after "a square in" comes from the image, not from "square").
 
     Examples whose image cannot be decoded, or with nothing left to supervise after truncation, are skipped
     with a logged warning and counted in `stats`. Examples without an image are text-only examples.

@@ -388,7 +388,8 @@ def model_card_sections(summary: dict[str, Any]) -> dict[str, str]:
         "Data: the easy-VQA train split (4,000 images, 38,575 questions; the questions of each image grouped "
         f"into chats of up to {recipe['turns']} turns), and {recipe['shapes_train_scenes']} procedural shape scenes "
         "(`vlm_mamba_hf.data.shapes`, train split: 1-3 coloured circles, squares and triangles on a 3x3 grid) "
-        "with their canonical caption and template questions. The colour-shape pairs red square, green "
+        'with their canonical caption (shape before colour: "a square in red at the top left") and template '
+        "questions. The colour-shape pairs red square, green "
         "triangle and blue circle never appear in training."
     )
     if recipe.get("any_colour_scenes"):
@@ -398,10 +399,12 @@ def model_card_sections(summary: dict[str, Any]) -> dict[str, str]:
             "never one whose nearest palette colour makes a held-out pair) with colour-free shape and count "
             f"questions{described}."
         )
-    if recipe.get("colour_swap_probability"):
+    if recipe.get("colour_captions"):
+        data += ' Per shape scene also its colour description without shapes ("Describe the colours.").'
+    if recipe.get("shape_swap_probability"):
         data += (
-            f" In answers, {recipe['colour_swap_probability']:.0%} of the colour words before a shape are replaced "
-            "in the input ids (not the labels) by another colour that forms no held-out pair (`ColourWordSwap`)."
+            f" In answers, {recipe['shape_swap_probability']:.0%} of the shape words before a colour are replaced "
+            "in the input ids (not the labels) by another shape that forms no held-out pair (`ShapeWordSwap`)."
         )
     data += (
         f" The byte-level BPE tokenizer ({summary.get('vocab_size', recipe['vocab_size'])} tokens) is trained on "
@@ -527,6 +530,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ssm-layer", choices=("mamba1", "mamba2"), default=None)
     parser.add_argument("--head-dim", type=int, default=None)
     parser.add_argument("--shapes-train-scenes", type=int, default=None)
+    parser.add_argument(
+        "--any-colour-scenes", type=int, default=None, help="any-colour shape scenes (0: none)"
+    )
+    parser.add_argument(
+        "--any-colour-captions",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also train the colour-free description of each any-colour scene",
+    )
+    parser.add_argument(
+        "--colour-captions",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also train the shape-free colour description of each shape scene",
+    )
+    parser.add_argument(
+        "--shape-swap-probability",
+        type=float,
+        default=None,
+        help="ShapeWordSwap input noise: how often a shape word before a colour is replaced (0: off)",
+    )
     parser.add_argument("--easy-vqa-limit", type=int, default=None)
     parser.add_argument(
         "--easy-vqa-answer-types",
@@ -584,6 +608,10 @@ def _recipe_from_args(args: argparse.Namespace) -> Recipe:
         ssm_layer=args.ssm_layer,
         head_dim=args.head_dim,
         shapes_train_scenes=args.shapes_train_scenes,
+        any_colour_scenes=args.any_colour_scenes,
+        any_colour_captions=args.any_colour_captions,
+        shape_swap_probability=args.shape_swap_probability,
+        colour_captions=args.colour_captions,
         easy_vqa_limit=args.easy_vqa_limit,
         easy_vqa_answer_types=tuple(args.easy_vqa_answer_types) if args.easy_vqa_answer_types else None,
         turns=args.turns,
