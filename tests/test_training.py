@@ -82,15 +82,16 @@ def _qa(answer="red", question="what color is the shape?", image=True):
     return {"image": _image() if image else None, "prompt": question, "answer": answer}
 
 
-def _random_answer_noise(vocab_size, probability=0.3, seed=0):
+def _random_answer_noise(vocab_size, probability=0.3, seed=0, avoid=()):
     """Input noise keyed by the example's ids (as ShapeWordSwap's): each answer token replaced with
-    `probability` by a random token."""
+    `probability` by a random token other than those in `avoid`."""
+    tokens = [i for i in range(vocab_size) if i not in set(avoid)]
 
     def noise(ids, labels):
         rng = random.Random(f"{seed}/{ids}")
         for t, label in enumerate(labels):
             if label != IGNORE_INDEX and rng.random() < probability:
-                ids[t] = rng.randrange(vocab_size)
+                ids[t] = rng.choice(tokens)
         return ids
 
     return noise
@@ -187,9 +188,10 @@ def test_collator_takes_examples_without_images(processor):
 def test_collator_input_noise_changes_input_ids_but_never_labels(processor):
     example = _qa(answer="a red circle at the top left and a blue square on the right.")
     clean = VLMambaDataCollator(processor)([example])
-    noisy = VLMambaDataCollator(processor, input_noise=_random_answer_noise(len(processor.tokenizer), 1.0))(
-        [example]
-    )
+    noisy = VLMambaDataCollator(
+        processor,
+        input_noise=_random_answer_noise(len(processor.tokenizer), 1.0, avoid=[processor.image_token_id]),
+    )([example])
     answer = clean["labels"] != IGNORE_INDEX
     assert torch.equal(noisy["labels"], clean["labels"])
     assert torch.equal(noisy["input_ids"][~answer], clean["input_ids"][~answer])
@@ -204,6 +206,15 @@ def test_collator_refuses_noise_that_touches_the_prompt_or_the_length(processor)
     longer = VLMambaDataCollator(processor, input_noise=lambda ids, labels: [*ids, ids[-1]])
     with pytest.raises(ValueError, match="as many ids"):
         longer([example])
+    image = processor.image_token_id
+    image_noise = VLMambaDataCollator(
+        processor,
+        input_noise=lambda ids, labels: [
+            image if label != IGNORE_INDEX else i for i, label in zip(ids, labels)
+        ],
+    )
+    with pytest.raises(ValueError, match="image token"):
+        image_noise([example])
 
 
 @pytest.fixture(scope="module")
@@ -553,7 +564,9 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(recipe, processor, tra
     run = recipe.replace(max_steps=6, save_steps=3, batch_size=4)
     # With input noise keyed by the example (as ShapeWordSwap's), the resumed run sees the same noise as the
     # uninterrupted one. (Noise from torch's generator would not: the data loader collates a batch ahead.)
-    input_noise = _random_answer_noise(len(processor.tokenizer)) if noise else None
+    input_noise = (
+        _random_answer_noise(len(processor.tokenizer), avoid=[processor.image_token_id]) if noise else None
+    )
     collator = VLMambaDataCollator(processor, input_noise=input_noise)
 
     def trainer(out, callbacks=()):

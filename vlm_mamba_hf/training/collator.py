@@ -216,6 +216,11 @@ class VLMambaDataCollator:
                 "input_noise must return as many ids as it was given and change answer positions only "
                 "(labels != -100); it changed the length or a prompt, image or padding position."
             )
+        if any(noisy[t] == self.image_token_id for t in changed):
+            raise ValueError(
+                "input_noise wrote the image token into an answer; the model would then count more image "
+                "tokens than the images have features. Draw replacements from ordinary text tokens."
+            )
         return noisy
 
     def _truncate(self, ids: list[int], labels: list[int], n_images: int) -> tuple[int, int]:
