@@ -404,6 +404,14 @@ def test_focus_stage_data_and_recipe(recipe):
     assert _recipe_from_args(build_parser().parse_args(["--focus-steps", "0"])).focus_steps == 0
 
 
+def test_data_flags_reach_the_recipe_and_their_absence_keeps_its_values():
+    args = ["--any-colour-scenes", "10", "--no-any-colour-captions", "--colour-captions"]
+    recipe = _recipe_from_args(build_parser().parse_args([*args, "--shape-swap-probability", "0"]))
+    assert (recipe.any_colour_scenes, recipe.any_colour_captions, recipe.colour_captions) == (10, False, True)
+    assert recipe.shape_swap_probability == 0.0
+    assert _recipe_from_args(build_parser().parse_args([])) == get_recipe("default")
+
+
 def test_focus_stage_trains_the_model_in_place_and_zero_steps_leave_it(recipe, processor, tmp_path):
     model = _model(recipe, processor)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
