@@ -22,6 +22,7 @@ from vlm_mamba_hf.data.shapes import (
     SHAPES_PROMPT,
     ShapeWordSwap,
 )
+from vlm_mamba_hf.metrics import tokenize_caption
 from vlm_mamba_hf.modeling_vlm_mamba import VLMambaForConditionalGeneration
 from vlm_mamba_hf.training.collator import IGNORE_INDEX, VLMambaDataCollator, format_prompt
 from vlm_mamba_hf.training.recipes import (
@@ -333,13 +334,15 @@ def test_colour_captions_add_one_shape_free_description_per_scene(recipe):
     for colour, caption in zip(colours, captions):
         assert colour["image"] is caption["image"]
         assert not [s for s in SHAPES if s in colour["answer"]]
+
         # The same colours in the same order as the caption names them.
-        named = [w for w in caption["answer"].replace(",", " ").replace(".", " ").split() if w in COLORS]
-        assert [
-            w for w in colour["answer"].replace(",", " ").replace(".", " ").split() if w in COLORS
-        ] == named
+        def named(text):
+            return [w for w in tokenize_caption(text) if w in COLORS]
+
+        assert named(colour["answer"]) == named(caption["answer"])
     assert len(shapes_examples(run.replace(colour_captions=False))) == len(examples) - 20
-    assert COLOURS_PROMPT in recipe_texts(run) and colours[0]["answer"] in recipe_texts(run)
+    texts = recipe_texts(run)
+    assert COLOURS_PROMPT in texts and colours[0]["answer"] in texts
 
 
 def test_collator_error_names_remove_unused_columns(processor):

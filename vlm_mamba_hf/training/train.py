@@ -389,8 +389,7 @@ def model_card_sections(summary: dict[str, Any]) -> dict[str, str]:
         f"into chats of up to {recipe['turns']} turns), and {recipe['shapes_train_scenes']} procedural shape scenes "
         "(`vlm_mamba_hf.data.shapes`, train split: 1-3 coloured circles, squares and triangles on a 3x3 grid) "
         'with their canonical caption (shape before colour: "a square in red at the top left") and template '
-        "questions. The colour-shape pairs red square, green "
-        "triangle and blue circle never appear in training."
+        "questions. The colour-shape pairs red square, green triangle and blue circle never appear in training."
     )
     if recipe.get("any_colour_scenes"):
         described = " and a description without colours" if recipe.get("any_colour_captions") else ""
