@@ -111,6 +111,39 @@ def test_default_model_loads_in_the_image_text_to_text_pipeline(default_model):
     assert out[0]["generated_text"].strip() == direct
 
 
+@needs_default_model
+def test_image_contrast_reaches_generate_from_the_cli_and_the_pipeline(default_model, capsys, tmp_path):
+    """`--image-contrast` (CLI), `image_contrast` (pipeline generate kwargs) and `generate_answers` decode the
+    same caption, and it is not the greedy one on held-out scenes where the two differ."""
+    from vlm_mamba_hf.data.shapes import CAPTION_PROMPT, make_shapes_split
+
+    model, processor = default_model
+    scenes = make_shapes_split("heldout", 12, seed=0, image_size=64)
+    images = [s["image"] for s in scenes]
+    greedy = generate_answers(model, processor, images, [CAPTION_PROMPT] * 12, max_new_tokens=48)
+    contrast = generate_answers(
+        model, processor, images, [CAPTION_PROMPT] * 12, max_new_tokens=48, image_contrast=1.0
+    )
+    differing = [i for i in range(12) if greedy[i] != contrast[i]]
+    assert differing, "image contrast changed none of 12 held-out captions"
+    i = differing[0]
+    path = tmp_path / "heldout.png"
+    images[i].save(path)
+    assert main(["caption", str(path), "--image-contrast", "1.0", "--device", "cpu"]) in (0, None)
+    assert capsys.readouterr().out.strip() == f"{path}: {contrast[i]}"
+    assert main(["caption", str(path), "--image-contrast", "0", "--device", "cpu"]) in (0, None)
+    assert capsys.readouterr().out.strip() == f"{path}: {greedy[i]}"
+    pipe = pipeline("image-text-to-text", model=DEFAULT_MODEL, device="cpu", dtype=torch.float32)
+    content = [{"type": "image", "image": images[i]}, {"type": "text", "text": CAPTION_PROMPT}]
+    out = pipe(
+        text=[{"role": "user", "content": content}],
+        max_new_tokens=48,
+        return_full_text=False,
+        generate_kwargs={"image_contrast": 1.0},
+    )
+    assert out[0]["generated_text"].strip() == contrast[i]
+
+
 def test_demo_samples_are_the_generators_scenes_with_their_references():
     """The bundled shape samples are scenes of `make_shapes_split` (seed 0, 64 px): the same pixels, and the
     demo's references are those scenes' caption and answers, so they follow any change of the templates."""

@@ -53,10 +53,17 @@ def load_model(model: str | None = None, device: str = "auto", dtype: str = "aut
     return loaded, AutoProcessor.from_pretrained(path)
 
 
-def _answers(model, processor, images: list, questions: list[str], max_new_tokens: int) -> list[str]:
+def _answers(model, processor, images: list, questions: list[str], args: argparse.Namespace) -> list[str]:
     from .training.evaluate import generate_answers
 
-    return generate_answers(model, processor, images, questions, max_new_tokens=max_new_tokens)
+    return generate_answers(
+        model,
+        processor,
+        images,
+        questions,
+        max_new_tokens=args.max_new_tokens,
+        image_contrast=args.image_contrast,
+    )
 
 
 def _open_images(paths: Sequence[str]) -> list:
@@ -74,7 +81,7 @@ def _open_images(paths: Sequence[str]) -> list:
 def cmd_caption(args: argparse.Namespace) -> int:
     model, processor = load_model(args.model, args.device, args.dtype)
     images = _open_images(args.images)
-    captions = _answers(model, processor, images, [args.prompt] * len(images), args.max_new_tokens)
+    captions = _answers(model, processor, images, [args.prompt] * len(images), args)
     for path, caption in zip(args.images, captions):
         print(f"{path}: {caption}")
     return 0
@@ -83,7 +90,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 def cmd_vqa(args: argparse.Namespace) -> int:
     model, processor = load_model(args.model, args.device, args.dtype)
     image = _open_images([args.image])[0]
-    answers = _answers(model, processor, [image] * len(args.questions), args.questions, args.max_new_tokens)
+    answers = _answers(model, processor, [image] * len(args.questions), args.questions, args)
     for question, answer in zip(args.questions, answers):
         print(f"Q: {question}\nA: {answer}")
     return 0
@@ -102,7 +109,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         expected = ([sample["caption"]] if sample.get("caption") else []) + [
             qa["answer"] for qa in sample.get("questions", [])
         ]
-        answers = _answers(model, processor, [image] * len(questions), questions, args.max_new_tokens)
+        answers = _answers(model, processor, [image] * len(questions), questions, args)
         print(f"\n{sample['file']} ({sample['source']})")
         for question, answer, reference in zip(questions, answers, expected):
             ok = normalize_vqa_answer(answer) == normalize_vqa_answer(reference)
@@ -133,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)",
     )
     common.add_argument("--max-new-tokens", type=int, default=48, help="longest answer (default: 48)")
+    common.add_argument(
+        "--image-contrast",
+        type=float,
+        default=None,
+        metavar="ALPHA",
+        help="image-contrastive decoding at ALPHA, e.g. 1.0: weighs each word by how much more likely the image "
+        "makes it than a blank image does (0: plain greedy; default: the checkpoint's generation config)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     caption = sub.add_parser("caption", parents=[common], help="describe one or more images")

@@ -20,7 +20,7 @@ from transformers import Mamba2Config, MambaConfig, PreTrainedConfig
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation import GenerationMixin
+from transformers.generation import GenerationMixin, LogitsProcessorList
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput
@@ -29,6 +29,13 @@ from .cache_vlm_mamba import VLMambaStateCache
 from .configuration_vlm_mamba import VLMambaConfig, VLMambaVisionConfig, validate_mamba_text_config
 from .cpu_kernels import kernels_available_for, rms_norm_cpu
 from .fused_loss import fused_causal_lm_loss
+from .image_contrast import (
+    ALPHA_KEY,
+    DEFAULT_PLAUSIBILITY,
+    PLAUSIBILITY_KEY,
+    ImageContrastLogitsProcessor,
+    check_contrast_settings,
+)
 from .ops_ssd import causal_conv1d_rows, ssd_scan, ssd_state_update
 from .ssm_ops import (
     causal_conv1d,
@@ -1429,6 +1436,38 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
             model_inputs["pixel_values"] = None
             model_inputs["attention_mask"] = None
         return model_inputs
+
+    def generate(self, inputs=None, generation_config=None, logits_processor=None, **kwargs):
+        """`GenerationMixin.generate`, plus image-contrastive decoding (`vlm_mamba_hf.image_contrast`): pass
+        `image_contrast=alpha` (> 0 turns it on) and optionally `image_contrast_plausibility`, or set them in
+        the generation config. Calls without `pixel_values` decode as usual."""
+        config = generation_config if generation_config is not None else self.generation_config
+        alpha = kwargs.pop(ALPHA_KEY, None)
+        plausibility = kwargs.pop(PLAUSIBILITY_KEY, None)
+        alpha = getattr(config, ALPHA_KEY, 0.0) if alpha is None else alpha
+        plausibility = (
+            getattr(config, PLAUSIBILITY_KEY, DEFAULT_PLAUSIBILITY) if plausibility is None else plausibility
+        )
+        pixel_values = kwargs.get("pixel_values")
+        if alpha and pixel_values is not None:
+            input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+            if input_ids is None:
+                raise ValueError(
+                    f"{ALPHA_KEY} needs the prompt as input_ids (it reruns the prompt on a contrast image); "
+                    f"pass input_ids, or set {ALPHA_KEY}=0 to generate from inputs_embeds."
+                )
+            if kwargs.get("num_beams", getattr(config, "num_beams", 1) or 1) > 1:
+                raise ValueError(
+                    f"{ALPHA_KEY} works with greedy decoding and sampling, not beam search (the contrast "
+                    f"branch does not follow beam reordering); set num_beams=1 or {ALPHA_KEY}=0."
+                )
+            contrast = ImageContrastLogitsProcessor(
+                self, input_ids, pixel_values, kwargs.get("attention_mask"), alpha, plausibility
+            )
+            logits_processor = LogitsProcessorList([*(logits_processor or []), contrast])
+        elif alpha:
+            check_contrast_settings(alpha, plausibility)
+        return super().generate(inputs, generation_config, logits_processor, **kwargs)
 
     def forward(
         self,

@@ -22,6 +22,7 @@ CODE_FILES = (
     "ops_ssd.py",
     "cpu_kernels.py",
     "fused_loss.py",
+    "image_contrast.py",
     "image_processing_vlm_mamba.py",
     "processing_vlm_mamba.py",
 )

@@ -5,6 +5,10 @@
   caption, on the "heldout" split (colour-shape pairs never seen in training) and on the in-distribution
   "test" split.
 
+Decoding is greedy. `image_contrast` (alpha; None: what the checkpoint's generation config says) decodes with
+image-contrastive decoding (`vlm_mamba_hf.image_contrast`) instead, through the same logits processor for
+VLMamba and for any other image-text model.
+
 Works for any model whose `generate()` takes `input_ids`, `attention_mask` and `pixel_values` as prepared by
 `VLMambaProcessor` (VLMamba, and the LLaVA baseline of `benchmarks/bench_quality.py`).
 
@@ -21,15 +25,45 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import LogitsProcessorList
 
 from ..data.shapes import CAPTION_PROMPT, make_shapes_split
+from ..image_contrast import (
+    ALPHA_KEY,
+    DEFAULT_PLAUSIBILITY,
+    PLAUSIBILITY_KEY,
+    ImageContrastLogitsProcessor,
+)
 from ..metrics import caption_exact_match, cider_d, corpus_bleu, vqa_accuracy
+from ..modeling_vlm_mamba import VLMambaForConditionalGeneration
 from .collator import format_prompt
 
 
 def default_model_path() -> str:
     """The built-in default checkpoint folder shipped inside the package."""
     return str(Path(__file__).resolve().parent.parent / "default_model")
+
+
+def contrast_generate_kwargs(
+    model: torch.nn.Module,
+    inputs: dict[str, torch.Tensor],
+    alpha: float | None,
+    plausibility: float = DEFAULT_PLAUSIBILITY,
+) -> dict[str, Any]:
+    """`generate()` keyword arguments for image-contrastive decoding at `alpha` (None: none, so VLMamba
+    follows its generation config): VLMamba (also under PEFT) takes the setting itself, any other model gets
+    the logits processor."""
+    if alpha is None:
+        return {}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if isinstance(base, VLMambaForConditionalGeneration):
+        return {ALPHA_KEY: alpha, PLAUSIBILITY_KEY: plausibility}
+    if not alpha:
+        return {}
+    contrast = ImageContrastLogitsProcessor(
+        model, inputs["input_ids"], inputs["pixel_values"], inputs.get("attention_mask"), alpha, plausibility
+    )
+    return {"logits_processor": LogitsProcessorList([contrast])}
 
 
 @torch.no_grad()
@@ -41,8 +75,11 @@ def generate_answers(
     max_new_tokens: int = 8,
     batch_size: int = 64,
     progress: bool = False,
+    image_contrast: float | None = None,
+    image_contrast_plausibility: float = DEFAULT_PLAUSIBILITY,
 ) -> list[str]:
-    """Greedy answers to `questions` about `images` (one image per question), decoded and stripped."""
+    """Greedy answers to `questions` about `images` (one image per question), decoded and stripped; with
+    `image_contrast` (alpha), image-contrastive decoding (see the module docstring)."""
     model.eval()
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -70,6 +107,7 @@ def generate_answers(
             do_sample=False,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            **contrast_generate_kwargs(model, inputs, image_contrast, image_contrast_plausibility),
         )
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         answers += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
@@ -83,6 +121,7 @@ def evaluate_easy_vqa(
     seed: int = 0,
     batch_size: int = 64,
     progress: bool = False,
+    image_contrast: float | None = None,
 ) -> dict[str, Any]:
     """easy-VQA test accuracy (VQA-normalised exact match) on all test questions or a seeded subset."""
     from ..data.easy_vqa import EasyVQADataset
@@ -93,7 +132,14 @@ def evaluate_easy_vqa(
     references = [e["answer"] for e in dataset.examples]
     start = time.perf_counter()
     predictions = generate_answers(
-        model, processor, images, questions, max_new_tokens=6, batch_size=batch_size, progress=progress
+        model,
+        processor,
+        images,
+        questions,
+        max_new_tokens=6,
+        batch_size=batch_size,
+        progress=progress,
+        image_contrast=image_contrast,
     )
     return {
         "accuracy": vqa_accuracy(predictions, references),
@@ -116,6 +162,7 @@ def evaluate_captions(
     scene_size: int = 64,
     batch_size: int = 64,
     progress: bool = False,
+    image_contrast: float | None = None,
 ) -> dict[str, Any]:
     """Caption exact match, BLEU-4 and CIDEr-D on `n` shape scenes of `split` ("heldout" or "test")."""
     scenes = make_shapes_split(split, n, seed, scene_size)
@@ -129,6 +176,7 @@ def evaluate_captions(
         max_new_tokens=48,
         batch_size=batch_size,
         progress=progress,
+        image_contrast=image_contrast,
     )
     return {
         "exact_match": caption_exact_match(predictions, references),
@@ -148,16 +196,16 @@ def evaluate_all(
     caption_scenes: int = 500,
     scene_size: int = 64,
     progress: bool = False,
+    image_contrast: float | None = None,
 ) -> dict[str, Any]:
     """easy-VQA test accuracy and caption metrics on the held-out and test shape splits."""
+    captions = dict(scene_size=scene_size, progress=progress, image_contrast=image_contrast)
     return {
-        "easy_vqa_test": evaluate_easy_vqa(model, processor, limit=vqa_limit, progress=progress),
-        "shapes_heldout_captions": evaluate_captions(
-            model, processor, "heldout", caption_scenes, scene_size=scene_size, progress=progress
+        "easy_vqa_test": evaluate_easy_vqa(
+            model, processor, limit=vqa_limit, progress=progress, image_contrast=image_contrast
         ),
-        "shapes_test_captions": evaluate_captions(
-            model, processor, "test", caption_scenes, scene_size=scene_size, progress=progress
-        ),
+        "shapes_heldout_captions": evaluate_captions(model, processor, "heldout", caption_scenes, **captions),
+        "shapes_test_captions": evaluate_captions(model, processor, "test", caption_scenes, **captions),
     }
 
 
@@ -184,6 +232,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--scene-size", type=int, default=64, help="side of the drawn shape scenes (px)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument(
+        "--image-contrast",
+        type=float,
+        default=None,
+        metavar="ALPHA",
+        help="image-contrastive decoding at ALPHA (0: greedy; default: the checkpoint's generation config)",
+    )
     parser.add_argument("--json", default=None, help="write the metrics to this JSON file")
     args = parser.parse_args(argv)
 
@@ -195,7 +250,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     processor = AutoProcessor.from_pretrained(path)
     results = evaluate_all(
-        model, processor, args.vqa_limit, args.caption_scenes, args.scene_size, progress=True
+        model,
+        processor,
+        args.vqa_limit,
+        args.caption_scenes,
+        args.scene_size,
+        progress=True,
+        image_contrast=args.image_contrast,
     )
     print(summary_line(results))
     if args.json:
