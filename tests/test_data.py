@@ -8,7 +8,12 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from vlm_mamba_hf.data.easy_vqa import EasyVQADataset, easy_vqa_answers
+from vlm_mamba_hf.data.easy_vqa import (
+    EasyVQADataset,
+    easy_vqa_answers,
+    easy_vqa_object,
+    shapes_heldout_pairs,
+)
 from vlm_mamba_hf.data.shapes import (
     BACKGROUNDS,
     COLORS,
@@ -271,6 +276,59 @@ def test_easy_vqa_limit_subsamples_deterministically():
     assert len(first) == 200
     assert questions == [(e["image_id"], e["question"]) for e in again.examples]
     assert questions != [(e["image_id"], e["question"]) for e in other.examples]
+
+
+EASY_VQA_SHAPE_QUESTIONS = (
+    "what shape is in the image?",
+    "what shape does the image contain?",
+    "what shape is present?",
+    "what is the shape?",
+)
+
+
+def test_easy_vqa_object_reads_the_colour_and_shape_that_the_answers_name():
+    pytest.importorskip("easy_vqa")
+    dataset = EasyVQADataset("test")
+    objects = {}
+    colours = shapes = 0
+    for example in dataset.examples:
+        image_id = example["image_id"]
+        if image_id not in objects:
+            objects[image_id] = easy_vqa_object(example["image"])
+        colour, possible = objects[image_id]
+        if example["question"] == "what color is the shape?":
+            assert colour == example["answer"], image_id
+            colours += 1
+        if example["question"] in EASY_VQA_SHAPE_QUESTIONS:
+            assert example["answer"] in possible, image_id
+            shapes += 1
+    assert colours > 300 and shapes > 900
+    # Only a few images are ambiguous between circle and triangle.
+    assert sum(len(possible) > 1 for _, possible in objects.values()) < 0.02 * len(objects)
+
+
+def test_shapes_heldout_pairs_in_easy_vqa_names():
+    assert shapes_heldout_pairs() == {("red", "rectangle"), ("green", "triangle"), ("blue", "circle")}
+
+
+def test_exclude_pairs_drops_the_images_of_those_pairs_with_their_questions():
+    pytest.importorskip("easy_vqa")
+    full = EasyVQADataset("test")
+    kept = EasyVQADataset("test", exclude_pairs=shapes_heldout_pairs())
+    assert kept.excluded_images > 50 and kept.skipped == kept.skipped_questions == 0
+    assert len(kept) + kept.excluded_questions == len(full)
+    kept_ids = {e["image_id"] for e in kept.examples}
+    assert len({e["image_id"] for e in full.examples} - kept_ids) == kept.excluded_images
+    # No kept question or answer names a held-out pair of its image ("what color is the circle?" -> "blue").
+    pairs = shapes_heldout_pairs()
+    for example in kept.examples:
+        words = set(re.findall(r"[a-z]+", example["question"])) | {example["answer"]}
+        assert not any({colour, shape} <= words for colour, shape in pairs), example
+    # And those questions are among the ones dropped.
+    dropped = [e for e in full.examples if e["image_id"] not in kept_ids]
+    assert any(e["question"] == "what color is the circle?" and e["answer"] == "blue" for e in dropped)
+    with pytest.raises(ValueError, match="not easy-VQA"):
+        EasyVQADataset("test", limit=5, exclude_pairs=[("red", "square")])
 
 
 class _FakeEasyVQA:

@@ -378,6 +378,20 @@ def test_easy_vqa_answer_types_keep_exactly_those_questions(types):
     assert all(len(chat["messages"]) <= 2 * recipe.turns for chat in chats)
 
 
+def test_easy_vqa_chats_show_no_heldout_pair_when_asked():
+    from vlm_mamba_hf.data.easy_vqa import easy_vqa_object, shapes_heldout_pairs
+
+    def pairs_shown(chats):
+        return {
+            (c, s) for chat in chats for c, shapes in [easy_vqa_object(chat["images"][0])] for s in shapes
+        }
+
+    recipe = get_recipe("tiny", easy_vqa_limit=1500)
+    assert pairs_shown(easy_vqa_chats(recipe)) & shapes_heldout_pairs() == shapes_heldout_pairs()
+    excluded = pairs_shown(easy_vqa_chats(recipe.replace(easy_vqa_exclude_heldout=True)))
+    assert excluded and not excluded & shapes_heldout_pairs()
+
+
 def test_easy_vqa_answer_types_from_the_command_line_and_bad_values():
     args = build_parser().parse_args(["--recipe", "tiny", "--easy-vqa-answer-types", "shape", "colour"])
     assert _recipe_from_args(args).easy_vqa_answer_types == ("shape", "colour")
@@ -413,6 +427,9 @@ def test_data_flags_reach_the_recipe_and_their_absence_keeps_its_values():
     assert (recipe.any_colour_scenes, recipe.any_colour_captions, recipe.colour_captions) == (10, False, True)
     assert recipe.shape_swap_probability == 0.0
     assert _recipe_from_args(build_parser().parse_args([])) == get_recipe("default")
+    assert not get_recipe("default").easy_vqa_exclude_heldout
+    flag = build_parser().parse_args(["--easy-vqa-exclude-heldout"])
+    assert _recipe_from_args(flag).easy_vqa_exclude_heldout is True
 
 
 def test_focus_stage_trains_the_model_in_place_and_zero_steps_leave_it(recipe, processor, tmp_path):

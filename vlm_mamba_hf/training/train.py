@@ -384,12 +384,27 @@ def model_card_sections(summary: dict[str, Any]) -> dict[str, str]:
         f"The mixture: {summary['steps']} steps ({summary['train_seconds'] / 60:.1f} min, "
         f"{summary['examples_per_second']:.1f} sequences/s) on {summary.get('machine', 'CPU')}."
     )
+    excluded = recipe.get("easy_vqa_exclude_heldout", False)
+    whole = recipe.get("easy_vqa_limit") is None
+    if excluded:
+        counted = ": 494 of its 4,000 images and 4,742 of its 38,575 questions are left out" if whole else ""
+        easy_vqa = (
+            "the easy-VQA train split without its images of the held-out pairs below (blue circles, green "
+            f"triangles, red rectangles{counted}"
+        )
+    else:
+        easy_vqa = "the easy-VQA train split (" + ("4,000 images, 38,575 questions" if whole else "a subset")
+    heldout = (
+        "never appear in training."
+        if excluded
+        else "never appear in the shape scenes (easy-VQA's blue circles, green triangles and red rectangles do)."
+    )
     data = (
-        "Data: the easy-VQA train split (4,000 images, 38,575 questions; the questions of each image grouped "
+        f"Data: {easy_vqa}; the questions of each image grouped "
         f"into chats of up to {recipe['turns']} turns), and {recipe['shapes_train_scenes']} procedural shape scenes "
         "(`vlm_mamba_hf.data.shapes`, train split: 1-3 coloured circles, squares and triangles on a 3x3 grid) "
         'with their canonical caption (shape before colour: "a square in red at the top left") and template '
-        "questions. The colour-shape pairs red square, green triangle and blue circle never appear in training."
+        f"questions. The colour-shape pairs red square, green triangle and blue circle {heldout}"
     )
     if recipe.get("any_colour_scenes"):
         described = " and a description without colours" if recipe.get("any_colour_captions") else ""
@@ -424,8 +439,8 @@ def model_card_sections(summary: dict[str, Any]) -> dict[str, str]:
                 f"| shapes {name} captions | CIDEr-D | {res['cider_d']:.3f} |\n"
             )
         text += (
-            "\nHeld-out: scenes that each contain at least one colour-shape pair never seen in training "
-            "(compositional generalisation). Evaluation code: `vlm-mamba eval` (`vlm_mamba_hf.training.evaluate`)."
+            "\nHeld-out: scenes that each contain at least one colour-shape pair never seen in the training shape "
+            "scenes (compositional generalisation; see Data for easy-VQA). Evaluation code: `vlm-mamba eval` (`vlm_mamba_hf.training.evaluate`)."
         )
     else:
         text = "Not evaluated."
@@ -552,6 +567,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--easy-vqa-limit", type=int, default=None)
     parser.add_argument(
+        "--easy-vqa-exclude-heldout",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="leave out the easy-VQA images of the shape scenes' held-out colour-shape pairs (default: off)",
+    )
+    parser.add_argument(
         "--easy-vqa-answer-types",
         nargs="+",
         choices=EASY_VQA_ANSWER_TYPES,
@@ -612,6 +633,7 @@ def _recipe_from_args(args: argparse.Namespace) -> Recipe:
         shape_swap_probability=args.shape_swap_probability,
         colour_captions=args.colour_captions,
         easy_vqa_limit=args.easy_vqa_limit,
+        easy_vqa_exclude_heldout=args.easy_vqa_exclude_heldout,
         easy_vqa_answer_types=tuple(args.easy_vqa_answer_types) if args.easy_vqa_answer_types else None,
         turns=args.turns,
         focus_steps=args.focus_steps,
