@@ -5,35 +5,28 @@ import math
 import pytest
 import torch
 from conftest import make_lively
-from test_vlm import random_image, tiny_vlm_config
+from test_vlm import lively_tiny_vlm, random_image, tiny_processor, tiny_tokenizer
 from transformers import GenerationConfig, LogitsProcessorList
 
-from vlm_mamba_hf import VLMambaForConditionalGeneration, VLMambaImageProcessor, VLMambaProcessor
 from vlm_mamba_hf.image_contrast import ImageContrastLogitsProcessor, contrast_pixel_values
-from vlm_mamba_hf.tokenizer_utils import build_tokenizer
 from vlm_mamba_hf.training.collator import format_prompt
 
-WORDS = (
-    "a red green blue circle square triangle what color is the shape on left right how many are there yes no"
-)
 STEPS = 8
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return build_tokenizer([WORDS] * 20, vocab_size=300)
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    torch.manual_seed(0)
-    return make_lively(VLMambaForConditionalGeneration(tiny_vlm_config(tokenizer)))
+    return lively_tiny_vlm(tokenizer)
 
 
 @pytest.fixture(scope="module")
 def processor(tokenizer, model):
-    image_processor = VLMambaImageProcessor(size={"height": 32, "width": 32})
-    return VLMambaProcessor(image_processor, tokenizer, image_seq_length=model.config.num_image_tokens)
+    return tiny_processor(tokenizer, model.config.num_image_tokens)
 
 
 @pytest.fixture(scope="module")
@@ -153,74 +146,45 @@ def test_bad_settings_are_clear_errors(model, batch, kwargs, match):
         model.generate(**batch, max_new_tokens=2, **kwargs)
 
 
+def _contrast(model, inputs, alpha=2.0, plausibility=0.05):
+    processor = ImageContrastLogitsProcessor(
+        model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], alpha, plausibility
+    )
+    return processor, LogitsProcessorList([processor])
+
+
 def test_any_image_text_model_works_through_the_recompute_path(tokenizer):
     """LLaVA returns no recurrent cache: the processor recomputes the contrast branch each step."""
-    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+    from benchmarks.bench_quality import build_llava
+    from vlm_mamba_hf.training.evaluate import generate_answers
+    from vlm_mamba_hf.training.recipes import get_recipe
 
-    vision = SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
+    sizes = dict(
+        vision_hidden_size=32,
+        vision_layers=1,
+        vision_intermediate_size=64,
+        text_hidden_size=32,
+        text_layers=1,
+        text_intermediate_size=64,
     )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tokenizer.image_token_id,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-    )
-    torch.manual_seed(0)
-    llava = make_lively(LlavaForConditionalGeneration(config), scale=4.0)
-    processor = VLMambaProcessor(
-        VLMambaImageProcessor(size={"height": 32, "width": 32}), tokenizer, image_seq_length=16
-    )
+    llava = make_lively(build_llava(get_recipe("tiny"), tokenizer, sizes), scale=4.0).eval()
+    processor = tiny_processor(tokenizer, 16)
     inputs = processor(
         images=[random_image(13)], text=["<image> what color is the shape"], return_tensors="pt"
     )
-    contrast = ImageContrastLogitsProcessor(
-        llava,
-        inputs["input_ids"],
-        inputs["pixel_values"],
-        inputs["attention_mask"],
-        alpha=2.0,
-        plausibility=0.05,
-    )
-    got = generate(llava, inputs, logits_processor=LogitsProcessorList([contrast]))
+    contrast, processors = _contrast(llava, inputs)
+    got = generate(llava, inputs, logits_processor=processors)
     assert contrast._stateful is False
     assert torch.equal(got, reference_decode(llava, inputs, 2.0, 0.05, takes_mask=False))
     assert not torch.equal(got, generate(llava, inputs))
     # The evaluation code gives any model the same processor.
-    from vlm_mamba_hf.training.evaluate import generate_answers
-
     question = "what color is the shape"
     answers = generate_answers(
         llava, processor, [random_image(13)], [question], image_contrast=2.0, image_contrast_plausibility=0.05
     )
     prompt = processor(images=[random_image(13)], text=[format_prompt(question)], return_tensors="pt")
-    contrast = ImageContrastLogitsProcessor(
-        llava,
-        prompt["input_ids"],
-        prompt["pixel_values"],
-        prompt["attention_mask"],
-        alpha=2.0,
-        plausibility=0.05,
-    )
     ids = llava.generate(
-        **prompt, max_new_tokens=8, do_sample=False, logits_processor=LogitsProcessorList([contrast])
+        **prompt, max_new_tokens=8, do_sample=False, logits_processor=_contrast(llava, prompt)[1]
     )
     expected = processor.batch_decode(ids[:, prompt["input_ids"].shape[1] :], skip_special_tokens=True)[0]
     assert answers == [expected.strip()]

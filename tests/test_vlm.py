@@ -41,9 +41,13 @@ def tiny_vision_config(**overrides) -> VLMambaVisionConfig:
     return VLMambaVisionConfig(**kwargs)
 
 
+def tiny_tokenizer():
+    return build_tokenizer([WORDS] * 20, vocab_size=300)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
-    return build_tokenizer([WORDS] * 20, vocab_size=300)
+    return tiny_tokenizer()
 
 
 def tiny_vlm_config(tokenizer, **overrides) -> VLMambaConfig:
@@ -61,16 +65,24 @@ def tiny_vlm_config(tokenizer, **overrides) -> VLMambaConfig:
     return VLMambaConfig(**kwargs)
 
 
-@pytest.fixture(scope="module")
-def model(tokenizer):
+def lively_tiny_vlm(tokenizer) -> VLMambaForConditionalGeneration:
     torch.manual_seed(0)
     return make_lively(VLMambaForConditionalGeneration(tiny_vlm_config(tokenizer)))
 
 
+def tiny_processor(tokenizer, num_image_tokens: int) -> VLMambaProcessor:
+    image_processor = VLMambaImageProcessor(size={"height": 32, "width": 32})
+    return VLMambaProcessor(image_processor, tokenizer, image_seq_length=num_image_tokens)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return lively_tiny_vlm(tokenizer)
+
+
 @pytest.fixture(scope="module")
 def processor(tokenizer, model):
-    image_processor = VLMambaImageProcessor(size={"height": 32, "width": 32})
-    return VLMambaProcessor(image_processor, tokenizer, image_seq_length=model.config.num_image_tokens)
+    return tiny_processor(tokenizer, model.config.num_image_tokens)
 
 
 def random_image(seed: int, size: int = 32) -> Image.Image:
