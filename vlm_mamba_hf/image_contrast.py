@@ -64,8 +64,9 @@ class ImageContrastLogitsProcessor(LogitsProcessor):
     `input_ids`, `attention_mask` and `pixel_values` are the prompt as passed to `generate()`. The contrast
     branch runs the prompt once with `contrast_pixel_values(pixel_values)` and then feeds each new token to
     its own recurrent state when the model is stateful (`_is_stateful`, as VLMamba is); for other models it
-    recomputes the whole sequence every step (correct for any image-text model, quadratic in length). Sequences expanded by
-    `num_return_sequences` are handled; beam search is not (the beams reorder, the contrast state would not).
+    recomputes the whole sequence every step (correct for any image-text model, quadratic in length).
+    Sequences expanded by `num_return_sequences` are handled; beam search is not (the beams reorder, the
+    contrast state would not).
     """
 
     def __init__(
@@ -76,7 +77,6 @@ class ImageContrastLogitsProcessor(LogitsProcessor):
         attention_mask: torch.Tensor | None = None,
         alpha: float = 1.0,
         plausibility: float = DEFAULT_PLAUSIBILITY,
-        extra_inputs: dict[str, Any] | None = None,
     ) -> None:
         check_contrast_settings(alpha, plausibility)
         self.model = model
@@ -85,7 +85,6 @@ class ImageContrastLogitsProcessor(LogitsProcessor):
         self.pixel_values = contrast_pixel_values(pixel_values)
         self.alpha = float(alpha)
         self.log_plausibility = math.log(plausibility)
-        self.extra_inputs = dict(extra_inputs or {})
         self._cache = None
         self._consumed = 0
         # A recurrent model's state needs no positions, so the contrast branch can step it token by token;
@@ -116,7 +115,7 @@ class ImageContrastLogitsProcessor(LogitsProcessor):
             inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
         if self._takes_logits_to_keep:
             inputs["logits_to_keep"] = 1
-        return self.model(**inputs, **self.extra_inputs, use_cache=self._stateful)
+        return self.model(**inputs, use_cache=self._stateful)
 
     @torch.no_grad()
     def _contrast_logits(self, input_ids: torch.LongTensor) -> torch.Tensor:
