@@ -129,6 +129,15 @@ def test_sampling_with_several_return_sequences_runs_each_row_against_its_prompt
     assert out.shape[0] == 6
     # Each row's prompt is its own sample's, repeated as generate() repeats it.
     assert torch.equal(out[:3, : batch["input_ids"].shape[1]], batch["input_ids"][:1].expand(3, -1))
+    # And each repeated row is scored against its own prompt's contrast branch: rows expanded 3x get the
+    # scores of the unexpanded batch, repeated.
+    ids, pixels, mask = batch["input_ids"], batch["pixel_values"], batch["attention_mask"]
+    scores = torch.randn(2, model.config.text_config.vocab_size)
+    alone = ImageContrastLogitsProcessor(model, ids, pixels, mask)(ids, scores.clone())
+    expanded = ImageContrastLogitsProcessor(model, ids, pixels, mask)(
+        ids.repeat_interleave(3, dim=0), scores.repeat_interleave(3, dim=0)
+    )
+    assert torch.allclose(expanded, alone.repeat_interleave(3, dim=0), atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,8 @@ blue circle) never appear in "train", "val" or "test", neither drawn nor named i
 question. Every "heldout" scene draws at least one of them. Each held-out colour and shape still
 appears in training with other partners, so the split measures compositional generalisation: the
 model knows "red" and "square" but has never seen a red square. easy-VQA, in the same training mixture, has
-its own blue circles, green triangles and red rectangles; the recipes leave those images out
-(`Recipe.easy_vqa_exclude_heldout`, `easy_vqa.shapes_heldout_pairs`).
+its own blue circles, green triangles and red rectangles; a recipe leaves those images out only with
+`Recipe.easy_vqa_exclude_heldout` (off by default; `easy_vqa.shapes_heldout_pairs`).
 
 Any-colour scenes (`make_any_colour_scenes`): the same layout with every object in a random RGB colour and
 only colour-free text: questions ("what shape is at the top left?", counts) and a description without

@@ -18,6 +18,7 @@ FSDP launches.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -385,15 +386,15 @@ def model_card_sections(summary: dict[str, Any]) -> dict[str, str]:
         f"{summary['examples_per_second']:.1f} sequences/s) on {summary.get('machine', 'CPU')}."
     )
     excluded = recipe.get("easy_vqa_exclude_heldout", False)
-    whole = recipe.get("easy_vqa_limit") is None
     if excluded:
-        counted = ": 494 of its 4,000 images and 4,742 of its 38,575 questions are left out" if whole else ""
         easy_vqa = (
-            "the easy-VQA train split without its images of the held-out pairs below (blue circles, green "
-            f"triangles, red rectangles{counted}"
+            "the easy-VQA train split without its images of the held-out pairs below (its blue circles, green "
+            "triangles and red rectangles"
         )
+    elif recipe.get("easy_vqa_limit") is None:
+        easy_vqa = "the easy-VQA train split (4,000 images, 38,575 questions"
     else:
-        easy_vqa = "the easy-VQA train split (" + ("4,000 images, 38,575 questions" if whole else "a subset")
+        easy_vqa = "the easy-VQA train split (a subset"
     heldout = (
         "never appear in training."
         if excluded
@@ -440,7 +441,8 @@ def model_card_sections(summary: dict[str, Any]) -> dict[str, str]:
             )
         text += (
             "\nHeld-out: scenes that each contain at least one colour-shape pair never seen in the training shape "
-            "scenes (compositional generalisation; see Data for easy-VQA). Evaluation code: `vlm-mamba eval` (`vlm_mamba_hf.training.evaluate`)."
+            "scenes (compositional generalisation; see Data for easy-VQA). Evaluation code: `vlm-mamba eval` "
+            "(`vlm_mamba_hf.training.evaluate`)."
         )
     else:
         text = "Not evaluated."
@@ -494,6 +496,11 @@ def write_model_card(folder: str | os.PathLike, summary: dict[str, Any]) -> Path
     return render_into(folder, metadata=metadata, limits=limits, repo_id=MODEL_NAME, **sections)
 
 
+def _switch(parser: argparse.ArgumentParser, option: str, help: str) -> None:
+    """An on/off option (`--x` / `--no-x`) that leaves the recipe's value when not given."""
+    parser.add_argument(option, action=argparse.BooleanOptionalAction, default=None, help=help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlm-mamba train",
@@ -534,11 +541,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--projector-expansion", type=int, default=None)
-    parser.add_argument(
+    _switch(
+        parser,
         "--projector-layernorm",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="LayerNorm on the patch features before the bridger (the recipe's default: on)",
+        "LayerNorm on the patch features before the bridger (the recipe's default: on)",
     )
     parser.add_argument("--state-size", type=int, default=None)
     parser.add_argument("--ssm-layer", choices=("mamba1", "mamba2"), default=None)
@@ -547,18 +553,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--any-colour-scenes", type=int, default=None, help="any-colour shape scenes (0: none)"
     )
-    parser.add_argument(
-        "--any-colour-captions",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="also train the colour-free description of each any-colour scene",
+    _switch(
+        parser, "--any-colour-captions", "also train the colour-free description of each any-colour scene"
     )
-    parser.add_argument(
-        "--colour-captions",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="also train the shape-free colour description of each shape scene",
-    )
+    _switch(parser, "--colour-captions", "also train the shape-free colour description of each shape scene")
     parser.add_argument(
         "--shape-swap-probability",
         type=float,
@@ -566,11 +564,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="ShapeWordSwap input noise: how often a shape word before a colour is replaced (0: off)",
     )
     parser.add_argument("--easy-vqa-limit", type=int, default=None)
-    parser.add_argument(
+    _switch(
+        parser,
         "--easy-vqa-exclude-heldout",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="leave out the easy-VQA images of the shape scenes' held-out colour-shape pairs (default: off)",
+        "leave out the easy-VQA images of the shape scenes' held-out colour-shape pairs (default: off)",
     )
     parser.add_argument(
         "--easy-vqa-answer-types",
@@ -602,44 +599,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Recipe fields whose command-line option has another name.
+_OPTION_OF_FIELD = {"time_budget_s": "time_budget"}
+
+
 def _recipe_from_args(args: argparse.Namespace) -> Recipe:
-    return get_recipe(
-        args.recipe,
-        max_steps=args.max_steps,
-        time_budget_s=args.time_budget,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        learning_rate=args.learning_rate,
-        vision_lr_scale=args.vision_lr_scale,
-        seed=args.seed,
-        save_steps=args.save_steps,
-        logging_steps=args.logging_steps,
-        vision_mode=args.vision_mode,
-        vision_layers=args.vision_layers,
-        text_layers=args.text_layers,
-        text_hidden_size=args.text_hidden_size,
-        vision_hidden_size=args.vision_hidden_size,
-        patch_size=args.patch_size,
-        patch_stride=args.patch_stride,
-        image_size=args.image_size,
-        projector_expansion=args.projector_expansion,
-        projector_layernorm=args.projector_layernorm,
-        state_size=args.state_size,
-        ssm_layer=args.ssm_layer,
-        head_dim=args.head_dim,
-        shapes_train_scenes=args.shapes_train_scenes,
-        any_colour_scenes=args.any_colour_scenes,
-        any_colour_captions=args.any_colour_captions,
-        shape_swap_probability=args.shape_swap_probability,
-        colour_captions=args.colour_captions,
-        easy_vqa_limit=args.easy_vqa_limit,
-        easy_vqa_exclude_heldout=args.easy_vqa_exclude_heldout,
-        easy_vqa_answer_types=tuple(args.easy_vqa_answer_types) if args.easy_vqa_answer_types else None,
-        turns=args.turns,
-        focus_steps=args.focus_steps,
-        eval_vqa_limit=args.eval_vqa_limit,
-        eval_caption_scenes=args.eval_caption_scenes,
-    )
+    """The named recipe with every option given on the command line (options default to None: not given)."""
+    overrides = {
+        field.name: getattr(args, _OPTION_OF_FIELD.get(field.name, field.name), None)
+        for field in dataclasses.fields(Recipe)
+        if field.name != "name"  # the recipe's name is args.recipe
+    }
+    if overrides["easy_vqa_answer_types"]:
+        overrides["easy_vqa_answer_types"] = tuple(overrides["easy_vqa_answer_types"])
+    return get_recipe(args.recipe, **overrides)
 
 
 def build_model(recipe: Recipe, processor, init_from: str | None = None) -> VLMambaForConditionalGeneration:
