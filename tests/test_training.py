@@ -432,6 +432,23 @@ def test_data_flags_reach_the_recipe_and_their_absence_keeps_its_values():
     assert _recipe_from_args(flag).easy_vqa_exclude_heldout is True
 
 
+def test_foreground_channel_flag_reaches_the_saved_model_and_its_card(processor, tmp_path):
+    from vlm_mamba_hf.training.train import main
+
+    assert (
+        build_model_config(get_recipe("tiny"), processor.tokenizer).vision_config.foreground_channel is False
+    )
+    main(
+        ["--recipe", "tiny", "--foreground-channel", "--max-steps", "1", "--easy-vqa-limit", "40",
+         "--shapes-train-scenes", "8", "--output-dir", str(tmp_path), "--no-eval", "--no-progress"]
+    )  # fmt: skip
+    saved = json.loads((tmp_path / "final" / "config.json").read_text())
+    assert saved["vision_config"]["foreground_channel"] is True
+    reloaded = VLMambaForConditionalGeneration.from_pretrained(tmp_path / "final")
+    assert reloaded.model.vision_tower.patch_embed.proj.in_features == 4 * 8 * 8  # tiny: 8 px patches
+    assert "foreground channel" in (tmp_path / "final" / "README.md").read_text()
+
+
 def test_focus_stage_trains_the_model_in_place_and_zero_steps_leave_it(recipe, processor, tmp_path):
     model = _model(recipe, processor)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

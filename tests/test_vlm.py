@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_lively, tiny_text_config
-from PIL import Image
+from PIL import Image, ImageDraw
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, pipeline
 
 from vlm_mamba_hf import (
@@ -27,6 +27,7 @@ from vlm_mamba_hf import (
     VLMambaVisionConfig,
     VLMambaVisionModel,
 )
+from vlm_mamba_hf.modeling_vlm_mamba import foreground_map
 from vlm_mamba_hf.tokenizer_utils import build_tokenizer
 
 LOGITS_ATOL_FP32 = 1e-4
@@ -561,3 +562,88 @@ def test_vlm_with_overlapping_patches_saves_loads_and_generates_like_recompute(t
     assert reloaded.config.vision_config.patch_stride == 8
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits)
+
+
+# --- foreground channel -------------------------------------------------------------------------------------
+
+
+def _plain_scene(colour: tuple[int, int, int], background=(255, 255, 255)) -> Image.Image:
+    image = Image.new("RGB", (32, 32), background)
+    ImageDraw.Draw(image).ellipse((4, 6, 20, 22), fill=colour)
+    return image
+
+
+def _reference_foreground(pixels: np.ndarray) -> np.ndarray:
+    """The definition pixel by pixel: distance from the per-channel lower median colour, through 2 tanh(3 d) - 1."""
+    channels, height, width = pixels.shape
+    flat = pixels.reshape(channels, -1)
+    median = np.sort(flat, axis=1)[:, (flat.shape[1] - 1) // 2]
+    out = np.empty((height, width))
+    for y in range(height):
+        for x in range(width):
+            distance = np.sqrt(sum((pixels[c, y, x] - median[c]) ** 2 for c in range(channels)))
+            out[y, x] = 2 * np.tanh(3.0 * distance) - 1
+    return out
+
+
+def test_foreground_map_matches_its_definition_and_does_not_depend_on_the_object_colour():
+    image_processor = VLMambaImageProcessor(size={"height": 32, "width": 32})
+    colours = [(220, 30, 30), (30, 70, 220), (240, 210, 30), (90, 90, 90)]
+    pixels = image_processor([_plain_scene(c) for c in colours], return_tensors="pt")["pixel_values"]
+    maps = foreground_map(pixels)
+    assert maps.shape == (4, 1, 32, 32)
+    for index in range(4):
+        expected = _reference_foreground(pixels[index].double().numpy())
+        np.testing.assert_allclose(maps[index, 0].numpy(), expected, atol=1e-5)
+    inside, outside = maps[:, 0, 14, 12], maps[:, 0, 28, 28]
+    assert torch.all(inside > 0.99) and torch.all(outside == -1.0)  # the object whatever its colour
+    masks = maps > 0
+    assert all(torch.equal(masks[0], masks[i]) for i in range(1, 4))
+    # A blank image (each channel filled with its median, as image-contrastive decoding draws it) has none.
+    blank = pixels.flatten(2).median(dim=2).values[:, :, None, None].expand_as(pixels)
+    assert torch.all(foreground_map(blank) == -1.0)
+
+
+@pytest.mark.parametrize("mode", ["fuyu", "encoder"])
+def test_foreground_channel_is_one_more_input_channel_of_the_patch_embedding(mode):
+    torch.manual_seed(0)
+    config = tiny_vision_config(foreground_channel=True, num_hidden_layers=0, use_cls_token=False, mode=mode)
+    tower = VLMambaVisionModel(config).eval()
+    in_features = tower.patch_embed.proj.weight.flatten(1).shape[1]
+    assert in_features == 4 * 8 * 8
+    pixels = torch.randn(2, 3, 32, 32)
+    with4 = torch.cat([pixels, foreground_map(pixels)], dim=1)
+    window = with4[:, :, 8:16, 0:8]  # row 1, column 0 -> patch 4
+    flat = window.permute(0, 2, 3, 1).reshape(2, -1) if mode == "fuyu" else window.flatten(1)
+    weight = tower.patch_embed.proj.weight.flatten(1)
+    expected = flat @ weight.t() + tower.patch_embed.proj.bias + tower.pos_embed[0, 4]
+    with torch.no_grad():
+        torch.testing.assert_close(tower(pixels).last_hidden_state[:, 4], expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="4 channels, the vision tower expects 3"):
+        tower(with4)  # the tower computes the channel itself: callers pass RGB pixels
+
+
+def test_foreground_channel_model_saves_loads_and_generates_like_recompute(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    vision = tiny_vision_config(foreground_channel=True)
+    model = make_lively(VLMambaForConditionalGeneration(tiny_vlm_config(tokenizer, vision_config=vision)))
+    processor = tiny_processor(tokenizer, model.config.num_image_tokens)
+    inputs = _inputs(processor, ["<image>what color is the shape"], [_plain_scene((30, 70, 220))])
+    cached = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(cached, model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False))
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["vision_config"]["foreground_channel"] is True
+    reloaded = VLMambaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits)
+        # The channel reaches the output: with its weights zeroed the model sees a different image.
+        clone = copy.deepcopy(model)
+        weight = clone.model.vision_tower.patch_embed.proj.weight
+        channel_weights = weight[:, 3] if weight.dim() == 4 else weight.view(weight.shape[0], -1, 4)[:, :, 3]
+        channel_weights.zero_()
+        assert not torch.allclose(clone(**inputs).logits, model(**inputs).logits, atol=1e-4)
+
+
+def test_foreground_channel_must_be_a_bool():
+    with pytest.raises(Exception, match="foreground_channel must be True or False"):
+        tiny_vision_config(foreground_channel="yes")

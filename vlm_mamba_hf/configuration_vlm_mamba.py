@@ -116,6 +116,10 @@ class VLMambaVisionConfig(PreTrainedConfig):
             (non-overlapping; fuyu mode always is). The patch grid is `(image_size - patch_size) // patch_stride
             + 1` per side, and `image_size - patch_size` must be divisible by the stride.
         num_channels (`int`): input channels (3 for RGB).
+        foreground_channel (`bool`): give the patch embedding one more channel, computed from the pixels:
+            how far each pixel's colour is from the image's median colour (its background, on plain-background
+            images), squashed to [-1, 1]. It is the same for an object of any colour, a colour-invariant cue
+            for shape (`foreground_map`). Off by default; pixel_values keep `num_channels` channels either way.
         hidden_size (`int`): width Dv of the patch features.
         num_hidden_layers (`int`): bidirectional Mamba blocks in encoder mode.
         state_size, expand, conv_kernel, time_step_rank, use_bias, use_conv_bias, hidden_act, time_step_*:
@@ -141,6 +145,7 @@ class VLMambaVisionConfig(PreTrainedConfig):
     patch_size: int = 16
     patch_stride: int | None = None
     num_channels: int = 3
+    foreground_channel: bool = False
     hidden_size: int = 192
     num_hidden_layers: int = 24
     state_size: int = 16
@@ -216,6 +221,8 @@ class VLMambaVisionConfig(PreTrainedConfig):
                 "time_step_rank",
             ),
         )
+        if not isinstance(self.foreground_channel, bool):
+            raise ValueError(f"foreground_channel must be True or False, got {self.foreground_channel!r}.")
         if not isinstance(self.num_hidden_layers, int) or self.num_hidden_layers < 0:
             raise ValueError(f"num_hidden_layers must be >= 0, got {self.num_hidden_layers!r}.")
         if self.patch_stride is not None:

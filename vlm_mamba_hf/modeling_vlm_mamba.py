@@ -1089,26 +1089,46 @@ class VLMambaForCausalLM(VLMambaPreTrainedModel, GenerationMixin):
 # ----------------------------------------------------------------------------------------------------------
 
 
+# How steeply `foreground_map` saturates: a colour distance of 1 (in normalized pixel units, where the image
+# processor's default range is [-1, 1]) maps to tanh(3) = 0.995 of the way to "foreground".
+FOREGROUND_GAIN = 3.0
+
+
+def foreground_map(pixel_values: torch.Tensor) -> torch.Tensor:
+    """(b, c, H, W) pixels -> (b, 1, H, W): how far each pixel's colour is from its image's per-channel median
+    colour, squashed to [-1, 1] (-1: the median colour itself). On a plain background it is a soft mask of the
+    objects that does not depend on their colour; an image filled with its median colour gives -1 everywhere.
+    A fixed function of the pixels: no gradient flows back through it."""
+    pixels = pixel_values.detach()
+    # contiguous(): on a broadcast (expanded) tensor, median reads the wrong memory (torch 2.13, CPU).
+    median = pixels.contiguous().flatten(2).median(dim=2).values
+    distance = (pixels - median[:, :, None, None]).square_().sum(dim=1, keepdim=True).sqrt_()
+    return distance.mul_(FOREGROUND_GAIN).tanh_().mul_(2).sub_(1)
+
+
 class VLMambaPatchEmbed(nn.Module):
     """Patches -> features: Conv2d in encoder mode (overlapping when `patch_stride` < `patch_size`), Linear over
-    flattened non-overlapping patches in fuyu mode."""
+    flattened non-overlapping patches in fuyu mode. With `foreground_channel`, `foreground_map` is appended to
+    the pixels as one more input channel."""
 
     def __init__(self, config: VLMambaVisionConfig, mode: str):
         super().__init__()
         self.mode = mode
         self.patch_size = config.patch_size
         self.num_channels = config.num_channels
+        self.foreground_channel = config.foreground_channel
+        in_channels = config.num_channels + int(config.foreground_channel)
         p = config.patch_size
         if mode == "encoder":
-            self.proj = nn.Conv2d(
-                config.num_channels, config.hidden_size, kernel_size=p, stride=config.stride
-            )
+            self.proj = nn.Conv2d(in_channels, config.hidden_size, kernel_size=p, stride=config.stride)
         else:
             config.check_stride_for_mode(mode)
-            self.proj = nn.Linear(config.num_channels * p * p, config.hidden_size)
+            self.proj = nn.Linear(in_channels * p * p, config.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """pixel_values (b, c, H, W) -> patches (b, rows * cols, Dv) in row-major order, and the grid (rows, cols)."""
+        if self.foreground_channel:
+            pixel_values = torch.cat([pixel_values, foreground_map(pixel_values)], dim=1)
         b, c, height, width = pixel_values.shape
         p = self.patch_size
         if self.mode == "encoder":

@@ -223,6 +223,8 @@ class Recipe:
     chunk_size: int = 64
     projector_expansion: int = 2
     projector_layernorm: bool = True
+    # The vision tower's colour-invariant input channel (`VLMambaVisionConfig.foreground_channel`).
+    foreground_channel: bool = False
     # Data (shape scenes are drawn at scene_size px, like the 64 px easy-VQA images)
     scene_size: int = 64
     easy_vqa_limit: int | None = None
@@ -520,6 +522,7 @@ def build_model_config(recipe: Recipe, tokenizer) -> VLMambaConfig:
         image_size=recipe.image_size,
         patch_size=recipe.patch_size,
         patch_stride=recipe.patch_stride,
+        foreground_channel=recipe.foreground_channel,
         hidden_size=recipe.vision_hidden_size,
         num_hidden_layers=recipe.vision_layers,
         state_size=recipe.state_size,

@@ -421,6 +421,11 @@ def model_card_sections(summary: dict[str, Any]) -> dict[str, str]:
             f" In answers, {recipe['shape_swap_probability']:.0%} of the shape words before a colour are replaced "
             "in the input ids (not the labels) by another shape that forms no held-out pair (`ShapeWordSwap`)."
         )
+    if recipe.get("foreground_channel"):
+        data += (
+            " The patch embedding also sees a foreground channel computed from the pixels (each pixel's colour "
+            "distance from the image's median colour; `VLMambaVisionConfig.foreground_channel`)."
+        )
     data += (
         f" The byte-level BPE tokenizer ({summary.get('vocab_size', recipe['vocab_size'])} tokens) is trained on "
         "the recipe's text."
@@ -545,6 +550,11 @@ def build_parser() -> argparse.ArgumentParser:
         parser,
         "--projector-layernorm",
         "LayerNorm on the patch features before the bridger (the recipe's default: on)",
+    )
+    _switch(
+        parser,
+        "--foreground-channel",
+        "give the patch embedding a colour-invariant channel: each pixel's distance from the image's median colour",
     )
     parser.add_argument("--state-size", type=int, default=None)
     parser.add_argument("--ssm-layer", choices=("mamba1", "mamba2"), default=None)
