@@ -2,7 +2,7 @@
 
 - easy-VQA test accuracy: greedy answer to each test question, exact match after VQA answer normalisation.
 - Shape captions ("Describe the image."): exact match, corpus BLEU-4 and CIDEr-D against the canonical
-  caption, on the "heldout" split (colour-shape pairs never seen in training) and on the in-distribution
+  caption, on the "heldout" split (colour-shape pairs never in a training shape scene) and on the in-distribution
   "test" split.
 
 Decoding is greedy. `image_contrast` (alpha; None: what the checkpoint's generation config says) decodes with
