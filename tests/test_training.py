@@ -432,12 +432,13 @@ def test_data_flags_reach_the_recipe_and_their_absence_keeps_its_values():
     assert _recipe_from_args(flag).easy_vqa_exclude_heldout is True
 
 
-def test_foreground_channel_flag_reaches_the_saved_model_and_its_card(processor, tmp_path):
+def test_foreground_channel_reaches_the_saved_model_and_its_card_and_the_flags_switch_it(processor, tmp_path):
     from vlm_mamba_hf.training.train import main
 
-    assert (
-        build_model_config(get_recipe("tiny"), processor.tokenizer).vision_config.foreground_channel is False
-    )
+    assert get_recipe("default").foreground_channel is True and get_recipe("tiny").foreground_channel is False
+    off = _recipe_from_args(build_parser().parse_args(["--no-foreground-channel"]))
+    assert off.foreground_channel is False
+    assert build_model_config(off, processor.tokenizer).vision_config.foreground_channel is False
     main(
         ["--recipe", "tiny", "--foreground-channel", "--max-steps", "1", "--easy-vqa-limit", "40",
          "--shapes-train-scenes", "8", "--output-dir", str(tmp_path), "--no-eval", "--no-progress"]
