@@ -27,6 +27,7 @@ from vlm_mamba_hf import (
     VLMambaVisionConfig,
     VLMambaVisionModel,
 )
+from vlm_mamba_hf.image_contrast import contrast_pixel_values
 from vlm_mamba_hf.modeling_vlm_mamba import foreground_map
 from vlm_mamba_hf.tokenizer_utils import build_tokenizer
 
@@ -599,9 +600,10 @@ def test_foreground_map_matches_its_definition_and_does_not_depend_on_the_object
     assert torch.all(inside > 0.99) and torch.all(outside == -1.0)  # the object whatever its colour
     masks = maps > 0
     assert all(torch.equal(masks[0], masks[i]) for i in range(1, 4))
-    # A blank image (each channel filled with its median, as image-contrastive decoding draws it) has none.
-    blank = pixels.flatten(2).median(dim=2).values[:, :, None, None].expand_as(pixels)
+    # The blank image of image-contrastive decoding has none, also as a broadcast view of its colours.
+    blank = contrast_pixel_values(pixels)
     assert torch.all(foreground_map(blank) == -1.0)
+    assert torch.all(foreground_map(blank[:, :, :1, :1].expand_as(pixels)) == -1.0)
 
 
 @pytest.mark.parametrize("mode", ["fuyu", "encoder"])

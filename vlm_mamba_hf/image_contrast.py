@@ -34,16 +34,23 @@ PLAUSIBILITY_KEY = "image_contrast_plausibility"
 DEFAULT_PLAUSIBILITY = 0.1
 
 
+def median_colour(pixel_values: torch.Tensor) -> torch.Tensor:
+    """(..., channels, height, width) -> (..., channels): each image's per-channel median value (the lower
+    middle value for an even pixel count); the background colour of a plain-background image. The contrast
+    images below and the vision tower's `foreground_map` share it, so a contrast image has no foreground."""
+    # contiguous(): on a broadcast (expanded) tensor, median reads the wrong memory (torch 2.13, CPU).
+    flat = pixel_values.contiguous().flatten(-2)
+    return flat.float().median(dim=-1).values.to(pixel_values.dtype)
+
+
 def contrast_pixel_values(pixel_values: torch.Tensor) -> torch.Tensor:
     """Content-free contrast images: each image (any leading dims, then channels, height, width) filled with
-    its own per-channel median value."""
+    its own per-channel median value (`median_colour`)."""
     if pixel_values.dim() < 3:
         raise ValueError(
             f"pixel_values must end in (channels, height, width), got shape {tuple(pixel_values.shape)}."
         )
-    flat = pixel_values.flatten(-2)
-    median = flat.float().median(dim=-1).values.to(pixel_values.dtype)
-    return median[..., None, None].expand_as(pixel_values).contiguous()
+    return median_colour(pixel_values)[..., None, None].expand_as(pixel_values).contiguous()
 
 
 def check_contrast_settings(alpha: float, plausibility: float) -> None:

@@ -35,6 +35,7 @@ from .image_contrast import (
     PLAUSIBILITY_KEY,
     ImageContrastLogitsProcessor,
     check_contrast_settings,
+    median_colour,
 )
 from .ops_ssd import causal_conv1d_rows, ssd_scan, ssd_state_update
 from .ssm_ops import (
@@ -1100,8 +1101,7 @@ def foreground_map(pixel_values: torch.Tensor) -> torch.Tensor:
     objects that does not depend on their colour; an image filled with its median colour gives -1 everywhere.
     A fixed function of the pixels: no gradient flows back through it."""
     pixels = pixel_values.detach()
-    # contiguous(): on a broadcast (expanded) tensor, median reads the wrong memory (torch 2.13, CPU).
-    median = pixels.contiguous().flatten(2).median(dim=2).values
+    median = median_colour(pixels)
     distance = (pixels - median[:, :, None, None]).square_().sum(dim=1, keepdim=True).sqrt_()
     return distance.mul_(FOREGROUND_GAIN).tanh_().mul_(2).sub_(1)
 
