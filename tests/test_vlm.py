@@ -27,7 +27,7 @@ from vlm_mamba_hf import (
     VLMambaVisionConfig,
     VLMambaVisionModel,
 )
-from vlm_mamba_hf.image_contrast import contrast_pixel_values
+from vlm_mamba_hf.image_contrast import contrast_pixel_values, median_colour
 from vlm_mamba_hf.modeling_vlm_mamba import foreground_map
 from vlm_mamba_hf.tokenizer_utils import build_tokenizer
 
@@ -603,7 +603,7 @@ def test_foreground_map_matches_its_definition_and_does_not_depend_on_the_object
     # The blank image of image-contrastive decoding has none, also as a broadcast view of its colours.
     blank = contrast_pixel_values(pixels)
     assert torch.all(foreground_map(blank) == -1.0)
-    assert torch.all(foreground_map(blank[:, :, :1, :1].expand_as(pixels)) == -1.0)
+    assert torch.all(foreground_map(median_colour(pixels)[:, :, None, None].expand_as(pixels)) == -1.0)
 
 
 @pytest.mark.parametrize("mode", ["fuyu", "encoder"])
