@@ -162,9 +162,10 @@ Why the default model looks the way it does (measured on the 2-core CPU of this 
       with, seed 2 (beside LLaVA's `bench_quality` run): 99.3% / 4.6% / 52.8% (500 + 4,660)
     Unseen-pair objects in 200 held-out scenes, seeds 0 / 1: shape in captions without 144 / 194 of 228, with
     203 / 193; "what shape is at ...?" answers without 148 / 185, with 201 / 178; colour in captions without
-    138 / 138, with 125 / 182. A first pair of runs computed the channel with `torch.linalg.vector_norm`, which
-    made steps 40% slower (500 + 3,628 / 3,832 steps): 96.1% / 17.4% / 64.0% and 93.1% / 18.0% / 56.8%; in
-    this budget steps matter as much as the input.
+    138 / 138, with 125 / 182. A first pair of runs, with an earlier implementation of the channel
+    (`torch.linalg.vector_norm`), took about 35% longer per step (focus stage 204 s against 112 s; 500 +
+    3,628 / 3,832 steps): 96.1% / 17.4% / 64.0% and 93.1% / 18.0% / 56.8%; in this budget steps matter as
+    much as the input.
 
 What limits easy-VQA accuracy (probes of 500-1,000 steps at one thread; the 3e-3 model, before the focus stage):
   - Underfitting, not overfitting: 84.0% on 3,000 train questions against 83.0% on 3,000 test ones. Shapes
