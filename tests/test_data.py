@@ -6,7 +6,7 @@ import time
 from collections import Counter
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from vlm_mamba_hf.data.easy_vqa import (
     EasyVQADataset,
@@ -19,12 +19,15 @@ from vlm_mamba_hf.data.shapes import (
     COLORS,
     HELDOUT_PAIRS,
     NUMBER_WORDS,
+    OTHER_SHAPES,
     POSITIONS,
     SHAPES,
     SPLITS,
     ShapesDataset,
+    _draw_shape,
     colour_description_for,
     make_any_colour_scenes,
+    make_any_shape_scenes,
     make_shapes_split,
     nearest_color_name,
 )
@@ -201,6 +204,60 @@ def test_any_colour_scenes_have_colour_free_questions_and_description_matching_t
             r"a (circle|square|triangle) (?:on|in|at) the ([a-z ]+?)(?=[.,]| and)", scene["caption"]
         )
         assert [(_POSITION_TO_CELL[p], shape) for shape, p in described] == drawn, scene["caption"]
+
+
+def test_any_shape_scenes_are_deterministic_and_do_not_depend_on_n():
+    first = make_any_shape_scenes(40, seed=2)
+    again = make_any_shape_scenes(40, seed=2)
+    longer = make_any_shape_scenes(80, seed=2)
+    assert [_scene_key(s) for s in first] == [_scene_key(s) for s in again]
+    assert [_scene_key(s) for s in first] == [_scene_key(s) for s in longer[:40]]
+    assert [_scene_key(s) for s in first] != [_scene_key(s) for s in make_any_shape_scenes(40, seed=3)]
+
+
+def _object_mask(shape, center, size, image_size):
+    """The pixel indices that `shape` covers when drawn at an object's centre and size."""
+    image = Image.new("L", (image_size, image_size), 0)
+    _draw_shape(ImageDraw.Draw(image), shape, *center, size // 2, 255)
+    return {i for i, value in enumerate(image.tobytes()) if value}
+
+
+def test_any_shape_scenes_draw_every_colour_on_shapes_unlike_the_named_ones():
+    drawn = Counter()
+    for scene in make_any_shape_scenes(300, seed=0):
+        for obj in scene["objects"]:
+            assert obj["shape"] in OTHER_SHAPES, obj
+            assert scene["image"].getpixel(obj["center"]) == COLORS[obj["color"]]
+            drawn[obj["shape"], obj["color"]] += 1
+    assert set(drawn) == {(s, c) for s in OTHER_SHAPES for c in COLORS}
+    # No object looks like a circle, square or triangle of its box: its pixels overlap each of theirs with an
+    # intersection over union well below that of two named shapes (circle and square: 0.8), at the recipes'
+    # 64 px and larger (below about 10 px an object is a blob whatever its shape).
+    for size in (64, 128):
+        for obj in (o for s in make_any_shape_scenes(40, seed=1, image_size=size) for o in s["objects"]):
+            mask = _object_mask(obj["shape"], obj["center"], obj["size"], size)
+            for shape in SHAPES:
+                named = _object_mask(shape, obj["center"], obj["size"], size)
+                assert len(mask & named) / len(mask | named) < 0.7, (obj, shape)
+
+
+def test_any_shape_scenes_have_shape_free_questions_and_colour_description_matching_the_objects():
+    for scene in make_any_shape_scenes(300, seed=4):
+        words = set(
+            re.findall(r"[a-z]+", " ".join([scene["caption"], *(f"{q} {a}" for q, a in scene["qa"])]))
+        )
+        assert not words & {name + plural for name in SHAPES + OTHER_SHAPES for plural in ("", "s")}
+        assert scene["caption"] == colour_description_for(scene["objects"])
+        size = scene["image"].width
+        drawn = sorted(
+            ((o["center"][1] * 3 // size, o["center"][0] * 3 // size), o["color"]) for o in scene["objects"]
+        )
+        described = re.findall(r"(\w+) (?:on|in|at) the ([a-z ]+?)(?=[.,]| and)", scene["caption"])
+        assert sorted((_POSITION_TO_CELL[p], colour) for colour, p in described) == drawn, scene["caption"]
+        asked = {q for q, _ in scene["qa"] if q.startswith("what color")}
+        assert len(asked) == len(scene["objects"])
+        for question, answer in scene["qa"]:
+            assert answer == _answer_from_objects(question, scene["objects"]), question
 
 
 def test_thousand_scenes_generate_in_a_couple_of_seconds():

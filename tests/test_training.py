@@ -18,6 +18,7 @@ from vlm_mamba_hf.data.shapes import (
     COLORS,
     COLOURS_PROMPT,
     HELDOUT_PAIRS,
+    OTHER_SHAPES,
     SHAPES,
     SHAPES_PROMPT,
     ShapeWordSwap,
@@ -28,6 +29,7 @@ from vlm_mamba_hf.training.collator import IGNORE_INDEX, VLMambaDataCollator, fo
 from vlm_mamba_hf.training.recipes import (
     ExampleList,
     any_colour_examples,
+    any_shape_examples,
     build_collator,
     build_focus_dataset,
     build_model_config,
@@ -343,6 +345,37 @@ def test_colour_captions_add_one_shape_free_description_per_scene(recipe):
     assert len(shapes_examples(run.replace(colour_captions=False))) == len(examples) - 20
     texts = recipe_texts(run)
     assert COLOURS_PROMPT in texts and colours[0]["answer"] in texts
+
+
+def test_any_shape_examples_are_colour_descriptions_and_shape_free_chats_in_the_mixture_and_card(recipe):
+    from vlm_mamba_hf.training.train import model_card_sections
+
+    run = recipe.replace(any_shape_scenes=30)
+    examples = any_shape_examples(run)
+    chats = [e for e in examples if "messages" in e]
+    descriptions = [e for e in examples if "messages" not in e]
+    assert len(chats) == len(descriptions) == 30
+    shape_words = set(SHAPES + OTHER_SHAPES)
+    for chat, description in zip(chats, descriptions):
+        assert chat["images"] == [description["image"]]
+        assert description["prompt"] == COLOURS_PROMPT
+        answers = [m["content"] for m in chat["messages"] if m["role"] == "assistant"]
+        assert 1 <= len(answers) <= recipe.turns
+        texts = [description["answer"], *answers, *(str(m["content"]) for m in chat["messages"])]
+        assert not shape_words & set(tokenize_caption(" ".join(texts)))
+        # Every colour the description names is one the questions may ask; the answers are palette colours
+        # or the object count.
+        assert set(answers) <= set(COLORS) | {"one", "two", "three"}
+    assert len(build_train_dataset(run)) == len(build_train_dataset(recipe)) + 60
+    texts = recipe_texts(run)
+    assert COLOURS_PROMPT in texts and descriptions[0]["answer"] in texts
+    assert COLOURS_PROMPT not in recipe_texts(recipe)
+    args = build_parser().parse_args(["--any-shape-scenes", "7"])
+    assert _recipe_from_args(args).any_shape_scenes == 7 and get_recipe("tiny").any_shape_scenes == 0
+    summary = {"world_size": 1, "steps": 1, "train_seconds": 1.0, "examples_per_second": 1.0}
+    card = model_card_sections({**summary, "recipe": run.to_dict()})
+    assert "30 any-shape scenes" in " ".join(card.values())
+    assert "any-shape" not in " ".join(model_card_sections({**summary, "recipe": recipe.to_dict()}).values())
 
 
 def test_collator_error_names_remove_unused_columns(processor):

@@ -4,12 +4,14 @@ from .easy_vqa import EASY_VQA_ANSWER_TYPES, EasyVQADataset, easy_vqa_answer_typ
 from .shapes import (
     COLORS,
     HELDOUT_PAIRS,
+    OTHER_SHAPES,
     SHAPES,
     TRAIN_PAIRS,
     ShapesDataset,
     ShapeWordSwap,
     caption_for,
     make_any_colour_scenes,
+    make_any_shape_scenes,
     make_shapes_split,
     nearest_color_name,
 )
@@ -18,6 +20,7 @@ __all__ = [
     "COLORS",
     "EASY_VQA_ANSWER_TYPES",
     "HELDOUT_PAIRS",
+    "OTHER_SHAPES",
     "SHAPES",
     "TRAIN_PAIRS",
     "EasyVQADataset",
@@ -27,6 +30,7 @@ __all__ = [
     "easy_vqa_answer_type",
     "easy_vqa_answers",
     "make_any_colour_scenes",
+    "make_any_shape_scenes",
     "make_shapes_split",
     "nearest_color_name",
 ]

@@ -35,6 +35,7 @@ sizes and background) can appear in both "train" and "test"; only "heldout" is d
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from collections import Counter
 from typing import Any
@@ -56,6 +57,9 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "black": (0, 0, 0),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+# The shapes of any-shape scenes (`make_any_shape_scenes`): none looks like a circle, square or triangle, and
+# none is ever named, so a palette colour drawn on them forms no colour-shape pair.
+OTHER_SHAPES: tuple[str, ...] = ("plus", "cross", "star")
 
 HELDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
     {("red", "square"), ("green", "triangle"), ("blue", "circle")}
@@ -175,8 +179,25 @@ def _draw_shape(
     elif shape == "triangle":
         # Apex up; the box centre (cx, cy) lies inside (the half-width there is half / 2).
         draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=fill)
+    elif shape == "plus":
+        # Thin arms and a thin cross: thicker ones fill their box like a circle at small sizes.
+        arm = max(1, half // 5)
+        draw.rectangle((cx - half, cy - arm, cx + half, cy + arm), fill=fill)
+        draw.rectangle((cx - arm, cy - half, cx + arm, cy + half), fill=fill)
+    elif shape == "cross":
+        width = max(2, half // 2)
+        draw.line((cx - half, cy - half, cx + half, cy + half), fill=fill, width=width)
+        draw.line((cx - half, cy + half, cx + half, cy - half), fill=fill, width=width)
+    elif shape == "star":
+        # Five points, one straight up; the inner corners at 0.45 of the outer radius.
+        corners = []
+        for k in range(10):
+            radius = half if k % 2 == 0 else 0.45 * half
+            angle = math.pi * k / 5
+            corners.append((cx + radius * math.sin(angle), cy - radius * math.cos(angle)))
+        draw.polygon(corners, fill=fill)
     else:
-        raise ValueError(f"Unknown shape {shape!r}; expected one of {SHAPES}.")
+        raise ValueError(f"Unknown shape {shape!r}; expected one of {SHAPES + OTHER_SHAPES}.")
 
 
 def nearest_color_name(rgb: tuple[int, int, int]) -> str:
@@ -317,6 +338,53 @@ def make_any_colour_scenes(
                 "image": image,
                 "caption": caption_for(objects, with_colors=False),
                 "qa": shape_questions_for(objects),
+                "objects": objects,
+                "background": background,
+            }
+        )
+    return scenes
+
+
+def colour_questions_for(objects: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Shape-free QA pairs: the number of objects and the colour at each object's position."""
+    qa = [("how many shapes are there?", NUMBER_WORDS[len(objects)])]
+    qa += [(f"what color is the shape {position_phrase(o['position'])}?", o["color"]) for o in objects]
+    return qa
+
+
+def make_any_shape_scenes(
+    n: int, seed: int, image_size: int = 64, min_objects: int = 1, max_objects: int = 3
+) -> list[dict[str, Any]]:
+    """Draw n training scenes of palette-coloured objects in `OTHER_SHAPES`: dicts {"image", "caption", "qa",
+    "objects", "background"}, with the shape-free colour description as caption ("red at the top left and
+    blue on the right.", for `COLOURS_PROMPT`) and shape-free questions only. Deterministic by seed.
+
+    The mirror of the any-colour scenes: those show every shape in every colour without naming the colour, so
+    that shape is read whatever the colour; these show every palette colour on shapes that are never circles,
+    squares or triangles, so that colour is read whatever the shape, red included where no training square is
+    red. No held-out pair is drawn or named."""
+    _check_scene_args(n, image_size, min_objects, max_objects)
+    rng = random.Random(f"vlm_mamba_hf.shapes/any_shape/{seed}")
+    cell_size = image_size / 3
+    colours = sorted(COLORS)
+    scenes = []
+    for _ in range(n):
+        cells = rng.sample(sorted(POSITIONS), rng.randint(min_objects, max_objects))
+        background = rng.choice(sorted(BACKGROUNDS))
+        image = Image.new("RGB", (image_size, image_size), BACKGROUNDS[background])
+        draw = ImageDraw.Draw(image)
+        objects = []
+        for cell in cells:
+            shape, color = rng.choice(OTHER_SHAPES), rng.choice(colours)
+            objects.append(
+                {**_place_object(rng, draw, cell, shape, COLORS[color], cell_size), "color": color}
+            )
+        objects.sort(key=lambda o: (o["row"], o["col"]))
+        scenes.append(
+            {
+                "image": image,
+                "caption": colour_description_for(objects),
+                "qa": colour_questions_for(objects),
                 "objects": objects,
                 "background": background,
             }

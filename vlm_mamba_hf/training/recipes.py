@@ -201,6 +201,7 @@ from ..data.shapes import (
     ShapeWordSwap,
     colour_description_for,
     make_any_colour_scenes,
+    make_any_shape_scenes,
     make_shapes_split,
 )
 from ..image_processing_vlm_mamba import VLMambaImageProcessor
@@ -253,6 +254,10 @@ class Recipe:
     # Per any-colour scene, also its colour-free description (`SHAPES_PROMPT`) as a single-turn example (with
     # shape-first captions, the runs with it captioned held-out scenes far better; recipe notes).
     any_colour_captions: bool = True
+    # Any-shape scenes (palette colours on plus, cross and star shapes, shape-free colour questions and the
+    # colour description; `make_any_shape_scenes`): they teach colour perception that does not depend on the
+    # shape, the mirror of the any-colour scenes.
+    any_shape_scenes: int = 0
     # Per shapes train scene, also its shape-free colour description (`COLOURS_PROMPT`: "red at the top left
     # and blue on the right.") as a single-turn example.
     colour_captions: bool = False
@@ -431,6 +436,20 @@ def any_colour_examples(recipe: Recipe) -> list[dict[str, Any]]:
     return examples
 
 
+def any_shape_examples(recipe: Recipe) -> list[dict[str, Any]]:
+    """Per any-shape scene: its colour description (`COLOURS_PROMPT`) and one chat of up to `recipe.turns` of
+    its shape-free questions."""
+    scenes = make_any_shape_scenes(recipe.any_shape_scenes, recipe.seed, recipe.scene_size)
+    rng = random.Random(f"any_shape/{recipe.seed}")
+    examples = []
+    for scene in scenes:
+        examples.append({"image": scene["image"], "prompt": COLOURS_PROMPT, "answer": scene["caption"]})
+        qa = list(scene["qa"])
+        rng.shuffle(qa)
+        examples.append(_chat(scene["image"], qa[: recipe.turns]))
+    return examples
+
+
 def focus_recipe(recipe: Recipe) -> Recipe:
     """The recipe of the focus stage: its question types, turns, steps and learning rate, no time budget."""
     if recipe.focus_steps < 0:
@@ -452,9 +471,14 @@ def build_focus_dataset(recipe: Recipe) -> ExampleList:
 
 
 def build_train_dataset(recipe: Recipe) -> ExampleList:
-    """The recipe's training mixture (easy-VQA chats, shapes captions and chats, any-colour shape chats),
-    shuffled with the seed."""
-    examples = easy_vqa_chats(recipe) + shapes_examples(recipe) + any_colour_examples(recipe)
+    """The recipe's training mixture (easy-VQA chats, shapes captions and chats, any-colour and any-shape
+    scenes), shuffled with the seed."""
+    examples = (
+        easy_vqa_chats(recipe)
+        + shapes_examples(recipe)
+        + any_colour_examples(recipe)
+        + any_shape_examples(recipe)
+    )
     random.Random(f"mixture/{recipe.seed}").shuffle(examples)
     return ExampleList(examples)
 
@@ -474,7 +498,7 @@ def recipe_texts(recipe: Recipe) -> list[str]:
     easy_vqa = _import_easy_vqa()
     questions, answers, _ = easy_vqa.get_train_questions()
     texts = list(ASSISTANT_SYSTEM_TEXTS) * 50
-    if recipe.colour_captions:
+    if recipe.colour_captions or recipe.any_shape_scenes:
         texts.append(COLOURS_PROMPT)
     texts += [f"{q} {a}" for q, a in zip(questions, answers)]
     for scene in make_shapes_split("train", recipe.shapes_train_scenes, recipe.seed, recipe.scene_size):
@@ -488,6 +512,9 @@ def recipe_texts(recipe: Recipe) -> list[str]:
         texts += [
             s["caption"] for s in make_any_colour_scenes(min(recipe.any_colour_scenes, 200), recipe.seed)
         ]
+    if recipe.any_shape_scenes:
+        # Shape-free colour descriptions: the palette scenes' words in another order; a few set their spacing.
+        texts += [s["caption"] for s in make_any_shape_scenes(min(recipe.any_shape_scenes, 200), recipe.seed)]
     return texts
 
 
@@ -566,6 +593,7 @@ __all__ = [
     "ExampleList",
     "Recipe",
     "any_colour_examples",
+    "any_shape_examples",
     "build_collator",
     "build_model_config",
     "build_processor",

@@ -414,6 +414,11 @@ def model_card_sections(summary: dict[str, Any]) -> dict[str, str]:
             "never one whose nearest palette colour makes a held-out pair) with colour-free shape and count "
             f"questions{described}."
         )
+    if recipe.get("any_shape_scenes"):
+        data += (
+            f" Also {recipe['any_shape_scenes']} any-shape scenes (palette colours on plus, cross and star shapes, "
+            'never named) with colour questions and their colour description ("Describe the colours.").'
+        )
     if recipe.get("colour_captions"):
         data += ' Per shape scene also its colour description without shapes ("Describe the colours.").'
     if recipe.get("shape_swap_probability"):
@@ -565,6 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _switch(
         parser, "--any-colour-captions", "also train the colour-free description of each any-colour scene"
+    )
+    parser.add_argument(
+        "--any-shape-scenes", type=int, default=None, help="any-shape colour scenes (0: none)"
     )
     _switch(parser, "--colour-captions", "also train the shape-free colour description of each shape scene")
     parser.add_argument(
