@@ -149,7 +149,7 @@ def render_model_card(
     )
     load_snippet = (
         "import vlm_mamba_hf  # or pass trust_remote_code=True to a folder exported with export-remote-code\n"
-        "from transformers import pipeline\n"
+        "from transformers import pipeline\n\n"
         f'pipe = pipeline("image-text-to-text", model="{repo_id}")\n'
         'pipe(images="image.png", text="<image>", max_new_tokens=30)'
     )

@@ -472,10 +472,14 @@ def model_card_sections(summary: dict[str, Any]) -> dict[str, str]:
             "pipeline:\n\n"
             "```python\n"
             "import vlm_mamba_hf\n"
-            "from transformers import pipeline\n"
+            "from transformers import pipeline\n\n"
             'pipe = pipeline("image-text-to-text", model=vlm_mamba_hf.DEFAULT_MODEL)\n'
-            'messages = [{"role": "user", "content": [{"type": "image", "url": "shapes.png"},\n'
-            '                                         {"type": "text", "text": "Describe the image."}]}]\n'
+            "messages = [\n"
+            "    {\n"
+            '        "role": "user",\n'
+            '        "content": [{"type": "image", "url": "shapes.png"}, {"type": "text", "text": "Describe the image."}],\n'
+            "    }\n"
+            "]\n"
             "pipe(text=messages, max_new_tokens=48, return_full_text=False)\n"
             "```\n\n"
             'or the command line: `vlm-mamba caption shapes.png`, `vlm-mamba vqa shapes.png "what color is the '
