@@ -20,6 +20,12 @@ shape whatever its colour, so that it recognises a red square it has never seen.
 promise: an object is never drawn in a colour whose nearest palette colour would pair it into
 ``HELDOUT_PAIRS`` (no square is nearest to palette red), and no colour is named.
 
+Any-shape scenes (`make_any_shape_scenes`), their mirror: the same layout with palette colours on shapes that
+are neither circles, squares nor triangles (`OTHER_SHAPES`: plus, cross, star) and only shape-free text:
+colour questions ("what color is the shape at the top left?") and the colour description ("red at the top
+left and blue on the right."). They teach the image path to see a colour whatever the shape, red included
+where no training square is red. No held-out pair is drawn or named in them either.
+
 Captions name each object's shape before its colour ("a square in red at the top left"). In the other
 order ("a red square") a caption model learns from its training captions that "red" is never followed by
 "square" and, on a held-out red square, writes the shape that that prior allows rather than the one in the
