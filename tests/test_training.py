@@ -366,16 +366,18 @@ def test_any_shape_examples_are_colour_descriptions_and_shape_free_chats_in_the_
         # Every colour the description names is one the questions may ask; the answers are palette colours
         # or the object count.
         assert set(answers) <= set(COLORS) | {"one", "two", "three"}
-    assert len(build_train_dataset(run)) == len(build_train_dataset(recipe)) + 60
+    without = recipe.replace(any_shape_scenes=0)
+    assert len(build_train_dataset(run)) == len(build_train_dataset(without)) + 60
     texts = recipe_texts(run)
     assert COLOURS_PROMPT in texts and descriptions[0]["answer"] in texts
-    assert COLOURS_PROMPT not in recipe_texts(recipe)
+    assert COLOURS_PROMPT not in recipe_texts(without)
     args = build_parser().parse_args(["--any-shape-scenes", "7"])
-    assert _recipe_from_args(args).any_shape_scenes == 7 and get_recipe("tiny").any_shape_scenes == 0
+    assert _recipe_from_args(args).any_shape_scenes == 7
+    assert get_recipe("default").any_shape_scenes == 4000 and get_recipe("tiny").any_shape_scenes == 50
     summary = {"world_size": 1, "steps": 1, "train_seconds": 1.0, "examples_per_second": 1.0}
     card = model_card_sections({**summary, "recipe": run.to_dict()})
     assert "30 any-shape scenes" in " ".join(card.values())
-    assert "any-shape" not in " ".join(model_card_sections({**summary, "recipe": recipe.to_dict()}).values())
+    assert "any-shape" not in " ".join(model_card_sections({**summary, "recipe": without.to_dict()}).values())
 
 
 def test_collator_error_names_remove_unused_columns(processor):

@@ -336,6 +336,7 @@ RECIPES: dict[str, Recipe] = {
         easy_vqa_limit=400,
         shapes_train_scenes=100,
         any_colour_scenes=50,
+        any_shape_scenes=50,
         shape_swap_probability=0.0,  # the 320-token vocabulary splits colour words
         # At width 32 no SigLIP size comes within 10% of a 4-channel patch embedding, so bench_quality's
         # equal-size LLaVA needs the plain RGB one here.
