@@ -44,6 +44,7 @@ import hashlib
 import math
 import random
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from PIL import Image, ImageDraw
@@ -317,15 +318,19 @@ def shape_questions_for(objects: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return qa
 
 
-def make_any_colour_scenes(
-    n: int, seed: int, image_size: int = 64, min_objects: int = 1, max_objects: int = 3
+def _draw_scenes(
+    rng: random.Random,
+    n: int,
+    image_size: int,
+    min_objects: int,
+    max_objects: int,
+    shapes: tuple[str, ...],
+    colour_of: Callable[[random.Random, str, tuple[int, int, int]], dict[str, Any]],
+    describe: Callable[[list[dict[str, Any]]], tuple[str, list[tuple[str, str]]]],
 ) -> list[dict[str, Any]]:
-    """Draw n training scenes whose objects have random RGB colours: dicts {"image", "caption", "qa",
-    "objects", "background"}, with a colour-free caption ("a square at the top left and a circle on the
-    right.", for `SHAPES_PROMPT`) and colour-free questions only (see the module docstring). Deterministic by
-    seed."""
-    _check_scene_args(n, image_size, min_objects, max_objects)
-    rng = random.Random(f"vlm_mamba_hf.shapes/any_colour/{seed}")
+    """n scenes of 1-3 objects of `shapes` on the 3x3 grid: `colour_of(rng, shape, background_rgb)` gives each
+    object's fill ("rgb") and what else its description keeps, `describe(objects)` the scene's caption and
+    QA pairs."""
     cell_size = image_size / 3
     scenes = []
     for _ in range(n):
@@ -335,20 +340,34 @@ def make_any_colour_scenes(
         draw = ImageDraw.Draw(image)
         objects = []
         for cell in cells:
-            shape = rng.choice(SHAPES)
-            fill = _random_color(rng, shape, BACKGROUNDS[background])
-            objects.append({**_place_object(rng, draw, cell, shape, fill, cell_size), "rgb": fill})
+            shape = rng.choice(shapes)
+            colour = colour_of(rng, shape, BACKGROUNDS[background])
+            objects.append({**_place_object(rng, draw, cell, shape, colour["rgb"], cell_size), **colour})
         objects.sort(key=lambda o: (o["row"], o["col"]))
+        caption, qa = describe(objects)
         scenes.append(
-            {
-                "image": image,
-                "caption": caption_for(objects, with_colors=False),
-                "qa": shape_questions_for(objects),
-                "objects": objects,
-                "background": background,
-            }
+            {"image": image, "caption": caption, "qa": qa, "objects": objects, "background": background}
         )
     return scenes
+
+
+def make_any_colour_scenes(
+    n: int, seed: int, image_size: int = 64, min_objects: int = 1, max_objects: int = 3
+) -> list[dict[str, Any]]:
+    """Draw n training scenes whose objects have random RGB colours: dicts {"image", "caption", "qa",
+    "objects", "background"}, with a colour-free caption ("a square at the top left and a circle on the
+    right.", for `SHAPES_PROMPT`) and colour-free questions only (see the module docstring). Deterministic by
+    seed."""
+    _check_scene_args(n, image_size, min_objects, max_objects)
+
+    def colour_of(rng: random.Random, shape: str, background: tuple[int, int, int]) -> dict[str, Any]:
+        return {"rgb": _random_color(rng, shape, background)}
+
+    def describe(objects: list[dict[str, Any]]) -> tuple[str, list[tuple[str, str]]]:
+        return caption_for(objects, with_colors=False), shape_questions_for(objects)
+
+    rng = random.Random(f"vlm_mamba_hf.shapes/any_colour/{seed}")
+    return _draw_scenes(rng, n, image_size, min_objects, max_objects, SHAPES, colour_of, describe)
 
 
 def colour_questions_for(objects: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -370,32 +389,17 @@ def make_any_shape_scenes(
     squares or triangles, so that colour is read whatever the shape, red included where no training square is
     red. No held-out pair is drawn or named."""
     _check_scene_args(n, image_size, min_objects, max_objects)
-    rng = random.Random(f"vlm_mamba_hf.shapes/any_shape/{seed}")
-    cell_size = image_size / 3
     colours = sorted(COLORS)
-    scenes = []
-    for _ in range(n):
-        cells = rng.sample(sorted(POSITIONS), rng.randint(min_objects, max_objects))
-        background = rng.choice(sorted(BACKGROUNDS))
-        image = Image.new("RGB", (image_size, image_size), BACKGROUNDS[background])
-        draw = ImageDraw.Draw(image)
-        objects = []
-        for cell in cells:
-            shape, color = rng.choice(OTHER_SHAPES), rng.choice(colours)
-            objects.append(
-                {**_place_object(rng, draw, cell, shape, COLORS[color], cell_size), "color": color}
-            )
-        objects.sort(key=lambda o: (o["row"], o["col"]))
-        scenes.append(
-            {
-                "image": image,
-                "caption": colour_description_for(objects),
-                "qa": colour_questions_for(objects),
-                "objects": objects,
-                "background": background,
-            }
-        )
-    return scenes
+
+    def colour_of(rng: random.Random, shape: str, background: tuple[int, int, int]) -> dict[str, Any]:
+        color = rng.choice(colours)
+        return {"rgb": COLORS[color], "color": color}
+
+    def describe(objects: list[dict[str, Any]]) -> tuple[str, list[tuple[str, str]]]:
+        return colour_description_for(objects), colour_questions_for(objects)
+
+    rng = random.Random(f"vlm_mamba_hf.shapes/any_shape/{seed}")
+    return _draw_scenes(rng, n, image_size, min_objects, max_objects, OTHER_SHAPES, colour_of, describe)
 
 
 class ShapeWordSwap:
