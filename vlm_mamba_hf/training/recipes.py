@@ -17,6 +17,9 @@ Data mixture (all deterministic given the recipe's seed):
     whose nearest palette colour makes a held-out pair); per scene one chat of up to `turns` colour-free
     questions (the shape at a position, counts) and, with `any_colour_captions` (on), the colour-free
     description ("Describe the shapes." -> "a square at the top left and a circle on the right.").
+  - any-shape scenes (`any_shape_scenes`): palette colours on unnamed plus, cross and star shapes; per scene
+    its colour description ("Describe the colours." -> "red at the top left and blue on the right.") and one
+    chat of up to `turns` shape-free questions (the colour at a position, the object count).
   - the collator's `ShapeWordSwap` (`shape_swap_probability`): in answers, a shape word before its colour
     ("square in red") is replaced in the input ids (not in the labels) by another shape that forms no held-out
     pair with that colour.
