@@ -296,6 +296,11 @@ def _row(name: str, run: dict[str, Any]) -> str:
 
 # The throughput alternation's VLMamba without `foreground_channel`, when the recipe has it.
 NO_FOREGROUND = "vlmamba_without_foreground_channel"
+# The VLMamba variants the alternation may time besides the default model, as the table names them.
+_VARIANT_LABELS = {
+    "vlmamba_pytorch_path": "VLMamba without the fused CPU kernels (pure-PyTorch path)",
+    NO_FOREGROUND: "VLMamba without the foreground channel",
+}
 
 
 def markdown_table(result: dict[str, Any]) -> str:
@@ -311,17 +316,12 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"\nTraining throughput, side by side: VLMamba {speed['vlmamba']['examples_per_second']:.1f} ex/s, "
             f"LLaVA {speed['llava']['examples_per_second']:.1f} ex/s (ratio {speed['ratio_vlmamba_over_llava']:.2f}x)."
         )
-        if "vlmamba_pytorch_path" in speed:
-            lines.append(
-                f"VLMamba without the fused CPU kernels (pure-PyTorch path): "
-                f"{speed['vlmamba_pytorch_path']['examples_per_second']:.1f} ex/s "
-                f"({speed['ratio_vlmamba_pytorch_path_over_llava']:.2f}x LLaVA)."
-            )
-        if NO_FOREGROUND in speed:
-            lines.append(
-                f"VLMamba without the foreground channel: {speed[NO_FOREGROUND]['examples_per_second']:.1f} ex/s "
-                f"({speed[f'ratio_{NO_FOREGROUND}_over_llava']:.2f}x LLaVA)."
-            )
+        for key, label in _VARIANT_LABELS.items():
+            if key in speed:
+                lines.append(
+                    f"{label}: {speed[key]['examples_per_second']:.1f} ex/s "
+                    f"({speed[f'ratio_{key}_over_llava']:.2f}x LLaVA)."
+                )
     return "\n".join(lines)
 
 

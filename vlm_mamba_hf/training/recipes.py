@@ -195,8 +195,8 @@ Why the default model looks the way it does (measured on the 2-core CPU of this 
     49.8% and 94.2% / 7.0% / 34.2%, but from only 500 + 2,905 / 2,741 steps (they shared the machine with the
     test suite for part of the budget, and the smoothing term recomputes the target logits). Rerun as a quiet
     pair: 94.3% / 54.8% / 69.6% and 95.1% / 42.0% / 57.6% (500 + 4,047 / 3,910), below 73.4% / 71.4%
-    without it, but still with about 22% fewer steps (the extra logits, and a slower machine than that day's
-    runs): no sign that it helps; not pursued.
+    without it, but with about 22% fewer steps (the probe's second projection slowed the mixture: 86 against
+    110 sequences/s; the focus stage ran as fast): no sign that it helps; not pursued.
 
 What limits easy-VQA accuracy (probes of 500-1,000 steps at one thread; the 3e-3 model, before the focus stage):
   - Underfitting, not overfitting: 84.0% on 3,000 train questions against 83.0% on 3,000 test ones. Shapes
@@ -453,33 +453,36 @@ def shapes_examples(recipe: Recipe, split: str = "train", n: int | None = None) 
     return examples
 
 
+def _described_scene_examples(
+    scenes: list[dict[str, Any]], prompt: str | None, rng: random.Random, turns: int
+) -> list[dict[str, Any]]:
+    """Per scene: its caption as the answer to `prompt` (none when `prompt` is None), then one chat of up to
+    `turns` of its questions, shuffled with `rng`."""
+    examples = []
+    for scene in scenes:
+        if prompt is not None:
+            examples.append({"image": scene["image"], "prompt": prompt, "answer": scene["caption"]})
+        qa = list(scene["qa"])
+        rng.shuffle(qa)
+        examples.append(_chat(scene["image"], qa[:turns]))
+    return examples
+
+
 def any_colour_examples(recipe: Recipe) -> list[dict[str, Any]]:
     """Per any-colour scene: one chat of up to `recipe.turns` of its colour-free questions and, with
     `recipe.any_colour_captions`, its colour-free description."""
     scenes = make_any_colour_scenes(recipe.any_colour_scenes, recipe.seed, recipe.scene_size)
-    rng = random.Random(f"any_colour/{recipe.seed}")
-    examples = []
-    for scene in scenes:
-        if recipe.any_colour_captions:
-            examples.append({"image": scene["image"], "prompt": SHAPES_PROMPT, "answer": scene["caption"]})
-        qa = list(scene["qa"])
-        rng.shuffle(qa)
-        examples.append(_chat(scene["image"], qa[: recipe.turns]))
-    return examples
+    prompt = SHAPES_PROMPT if recipe.any_colour_captions else None
+    return _described_scene_examples(scenes, prompt, random.Random(f"any_colour/{recipe.seed}"), recipe.turns)
 
 
 def any_shape_examples(recipe: Recipe) -> list[dict[str, Any]]:
     """Per any-shape scene: its colour description (`COLOURS_PROMPT`) and one chat of up to `recipe.turns` of
     its shape-free questions."""
     scenes = make_any_shape_scenes(recipe.any_shape_scenes, recipe.seed, recipe.scene_size)
-    rng = random.Random(f"any_shape/{recipe.seed}")
-    examples = []
-    for scene in scenes:
-        examples.append({"image": scene["image"], "prompt": COLOURS_PROMPT, "answer": scene["caption"]})
-        qa = list(scene["qa"])
-        rng.shuffle(qa)
-        examples.append(_chat(scene["image"], qa[: recipe.turns]))
-    return examples
+    return _described_scene_examples(
+        scenes, COLOURS_PROMPT, random.Random(f"any_shape/{recipe.seed}"), recipe.turns
+    )
 
 
 def focus_recipe(recipe: Recipe) -> Recipe:
