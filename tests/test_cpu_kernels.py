@@ -420,3 +420,160 @@ def test_an_unwritable_cache_builds_in_the_temp_folder(monkeypatch, tmp_path):
         assert list((tmp_path / "tmp").glob("vlm_mamba_hf-kernels-*/mamba_cpu-*.so"))
     finally:
         cpu_kernels._reset_for_tests()
+
+
+# --- the fused Mamba-2 mixer (in_proj output -> gated norm output) ----------------------------------------
+
+
+def _mixer_reference(
+    zxbcdt, weight, bias, dt_bias, A, D, norm_weight, d_inner, groups, state, head_dim, norm_group, eps
+):
+    """The same mixer from PyTorch ops in the inputs' dtype: F.conv1d, the sequential SSD, the gated norm."""
+    conv_dim, k = weight.shape
+    heads = zxbcdt.shape[-1] - d_inner - conv_dim
+    z, xbc, dt = zxbcdt.split([d_inner, conv_dim, heads], dim=-1)
+    padded = torch.nn.functional.pad(xbc.transpose(1, 2), (k - 1, 0))
+    xbc = torch.nn.functional.silu(torch.nn.functional.conv1d(padded, weight[:, None], bias, groups=conv_dim))
+    x, B, C = xbc.transpose(1, 2).split([d_inner, groups * state, groups * state], dim=-1)
+    y = ssd_scan_ref(
+        x.unflatten(-1, (heads, head_dim)),
+        dt,
+        A,
+        B.unflatten(-1, (groups, state)),
+        C.unflatten(-1, (groups, state)),
+        D=D,
+        dt_bias=dt_bias,
+        dt_softplus=True,
+    )
+    h = (y.flatten(-2) * torch.nn.functional.silu(z)).unflatten(-1, (-1, norm_group))
+    return norm_weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2)
+
+
+def _mixer_inputs(b, length, d_inner, groups, state, head_dim, k, with_bias, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift).to(dtype)
+
+    heads, conv_dim = d_inner // head_dim, d_inner + 2 * groups * state
+    return dict(
+        zxbcdt=rand(b, length, d_inner + conv_dim + heads),
+        weight=rand(conv_dim, k, scale=0.5),
+        bias=rand(conv_dim, scale=0.3) if with_bias else None,
+        dt_bias=rand(heads, scale=0.5, shift=-1.0),
+        A=-torch.exp(rand(heads, scale=0.5)),
+        D=rand(heads),
+        norm_weight=rand(d_inner, scale=0.2, shift=1.0),
+    )
+
+
+def _mixer_outputs_and_grads(fn, inputs, sizes):
+    leaves = {k: None if v is None else v.clone().requires_grad_() for k, v in inputs.items()}
+    out = fn(*leaves.values(), **sizes)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    present = {k: v for k, v in leaves.items() if v is not None}
+    grads = torch.autograd.grad((out * upstream.to(out.dtype)).sum(), list(present.values()))
+    return out, dict(zip(present, grads))
+
+
+@pytest.mark.parametrize(
+    "b,length,d_inner,groups,state,head_dim,norm_group,k,with_bias",
+    [
+        (2, 1, 32, 2, 4, 8, 16, 4, True),  # one step: every conv tap but the last reads the zero left context
+        # two checkpoint segments, the last partial; a norm group per B/C group
+        (2, 37, 64, 2, 8, 16, 32, 4, True),
+        (2, 70, 64, 1, 16, 32, 64, 3, False),  # the default model's head_dim and state size; no conv bias
+        (1, 33, 60, 3, 5, 5, 20, 4, True),  # an unspecialised head_dim; one head per group
+    ],
+)
+def test_fused_mamba2_mixer_matches_a_pytorch_reference_fp64(
+    b, length, d_inner, groups, state, head_dim, norm_group, k, with_bias
+):
+    inputs = _mixer_inputs(b, length, d_inner, groups, state, head_dim, k, with_bias, torch.float64)
+    sizes = dict(
+        d_inner=d_inner, groups=groups, state=state, head_dim=head_dim, norm_group=norm_group, eps=1e-5
+    )
+    out_ref, grads_ref = _mixer_outputs_and_grads(_mixer_reference, inputs, sizes)
+    out, grads = _mixer_outputs_and_grads(cpu_kernels.mamba2_mixer_cpu, inputs, sizes)
+    assert out.dtype == torch.float64 and out.shape == (b, length, d_inner)
+    torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
+    assert grads.keys() == grads_ref.keys()
+    for name, ref in grads_ref.items():
+        torch.testing.assert_close(grads[name], ref, rtol=1e-9, atol=1e-9, msg=f"grad of {name}")
+
+    fp32 = {k: None if v is None else v.float() for k, v in inputs.items()}
+    out32, grads32 = _mixer_outputs_and_grads(cpu_kernels.mamba2_mixer_cpu, fp32, sizes)
+    assert out32.dtype == torch.float32 and _rel(out_ref, out32.double()) < 1e-5
+    for name, ref in grads_ref.items():
+        assert _rel(ref, grads32[name].double()) < 1e-4, name
+
+
+def test_fused_mamba2_mixer_gradcheck():
+    inputs = _mixer_inputs(1, 6, 8, 1, 2, 4, 3, True, torch.float64, seed=3)
+    sizes = dict(d_inner=8, groups=1, state=2, head_dim=4, norm_group=4, eps=1e-5)
+    leaves = [v.requires_grad_() for v in inputs.values()]
+    assert torch.autograd.gradcheck(lambda *t: cpu_kernels.mamba2_mixer_cpu(*t, **sizes), leaves)
+
+
+def _mamba2_mixer(seed=0):
+    from vlm_mamba_hf.modeling_vlm_mamba import VLMambaMamba2Mixer
+
+    torch.manual_seed(seed)
+    mixer = VLMambaMamba2Mixer(tiny_mamba2_config(), layer_idx=0)
+    mixer.init_ssm_parameters()
+    with torch.no_grad():  # away from the init's ones and zeros, so that every parameter matters
+        mixer.norm.weight.uniform_(0.5, 1.5)
+        mixer.conv1d.bias.uniform_(-0.3, 0.3)
+        mixer.D.uniform_(-1.0, 1.0)
+    return mixer
+
+
+def _spy_on_fused_mixer(monkeypatch):
+    calls = []
+    original = cpu_kernels.mamba2_mixer_cpu
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr("vlm_mamba_hf.modeling_vlm_mamba.mamba2_mixer_cpu", spy)
+    return calls
+
+
+def test_mamba2_mixer_takes_the_fused_path_and_matches_the_unfused_one(monkeypatch):
+    mixer = _mamba2_mixer()
+    hidden = torch.randn(2, 19, mixer.hidden_size, generator=torch.Generator().manual_seed(1))
+    results = []
+    calls = _spy_on_fused_mixer(monkeypatch)
+    for fused in (True, False):
+        monkeypatch.setattr(type(mixer), "_can_fuse_on_cpu", lambda self, t, fused=fused: fused)
+        leaf = hidden.clone().requires_grad_()
+        out = mixer(leaf)
+        params = [p for p in mixer.parameters()]
+        results.append((out, torch.autograd.grad(out.square().sum(), [leaf, *params])))
+    assert len(calls) == 1  # the fused run only
+    (out, grads), (ref, ref_grads) = results
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, ref_grads):
+        assert _rel(want, got) < 1e-4
+
+
+def test_mamba2_mixer_leaves_the_fused_path_when_it_would_skip_something(monkeypatch):
+    mixer = _mamba2_mixer()
+    hidden = torch.randn(2, 7, mixer.hidden_size)
+    calls = _spy_on_fused_mixer(monkeypatch)
+    mixer(hidden)
+    assert len(calls) == 1
+    # A padding mask, a cache, a hooked norm, a clamped dt, half precision, kernels off: the unfused path.
+    mixer(hidden, attention_mask=torch.tensor([[1] * 7, [1] * 5 + [0] * 2]))
+    handle = mixer.norm.register_forward_hook(lambda *args: None)
+    mixer(hidden)
+    handle.remove()
+    mixer.time_step_limit = (0.0, 0.5)
+    mixer(hidden)
+    mixer.time_step_limit = (0.0, float("inf"))
+    mixer.to(torch.bfloat16)(hidden.bfloat16())
+    mixer.float()
+    cpu_kernels.set_cpu_kernels_enabled(False)
+    mixer(hidden)
+    assert len(calls) == 1

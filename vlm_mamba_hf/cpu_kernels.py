@@ -29,6 +29,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 _SOURCE = Path(__file__).with_name("csrc") / "mamba_cpu.cpp"
 # The flags are tried in order; a compiler that rejects one set gets the next (e.g. no -march=native).
@@ -130,12 +131,12 @@ def _load_or_build(compiler: str, directory: Path) -> ctypes.CDLL:
 _INT, _PTR, _DOUBLE = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
 # Each entry point's argument types, before the thread count (int) that every one of them takes last.
 _SIGNATURES = {
-    "vlm_ssd_forward": [_INT] * 7 + [_PTR] * 9,
-    "vlm_ssd_backward": [_INT] * 7 + [_PTR] * 14,
-    "vlm_conv_forward": [_INT] * 4 + [_PTR] * 4 + [ctypes.c_int, _PTR],
-    "vlm_conv_backward": [_INT] * 4 + [_PTR] * 4 + [ctypes.c_int] + [_PTR] * 5,
+    "vlm_ssd_forward": [_INT] * 9 + [_PTR] * 10,
+    "vlm_ssd_backward": [_INT] * 10 + [_PTR] * 16,
+    "vlm_conv_forward": [_INT] * 5 + [_PTR] * 4 + [ctypes.c_int, _PTR],
+    "vlm_conv_backward": [_INT] * 6 + [_PTR] * 4 + [ctypes.c_int] + [_PTR] * 5,
     "vlm_rmsnorm_forward": [_INT] * 3 + [_PTR, _INT, _PTR, _INT, _PTR, _DOUBLE, _PTR, _PTR],
-    "vlm_rmsnorm_backward": [_INT] * 3 + [_PTR, _INT, _PTR, _INT] + [_PTR] * 6,
+    "vlm_rmsnorm_backward": [_INT] * 3 + [_PTR, _INT, _PTR, _INT] + [_PTR] * 5 + [_INT, _PTR],
     "vlm_s6_forward": [_INT] * 5 + [_PTR] * 9,
     "vlm_s6_backward": [_INT] * 5 + [_PTR] * 14,
 }
@@ -207,23 +208,30 @@ def _call(name: str, *args) -> None:
     getattr(load_library(), f"{name}_{suffix}")(*pointers, torch.get_num_threads())
 
 
+def _checkpoints(x: torch.Tensor, b: int, h: int, length: int, p: int, n: int) -> torch.Tensor:
+    """The buffer of states the forward scan stores every _CHECKPOINT_STEPS steps for the backward pass."""
+    return x.new_empty(b, h, (length + _CHECKPOINT_STEPS - 1) // _CHECKPOINT_STEPS, p, n)
+
+
 class _SSDScanCPUFn(torch.autograd.Function):
-    """The fused scan with its hand-written backward. Inputs contiguous, fp32 or fp64, dt final; D * x here."""
+    """The fused scan with its hand-written backward. Inputs contiguous, fp32 or fp64, dt final. The skip
+    D * x runs in the kernel for one D per head, (h,); a (h, p) D is applied here."""
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, h0):
         b, length, h, p = x.shape
         g, n = B.shape[2:]
         needs_grad = any(ctx.needs_input_grad)
-        K = _CHECKPOINT_STEPS
         y = torch.empty_like(x)
         final = torch.empty_like(h0)
-        checkpoints = x.new_empty(b, h, (length + K - 1) // K, p, n) if needs_grad else None
-        _call("vlm_ssd_forward", b, length, h, p, g, n, K, x, dt, A, B, C, h0, y, final, checkpoints)
+        checkpoints = _checkpoints(x, b, h, length, p, n) if needs_grad else None
+        D_kernel = D if D is not None and D.dim() == 1 else None
+        args = (b, length, h, p, g, n, _CHECKPOINT_STEPS, h * p, g * n, x, dt, A, B, C, D_kernel, h0)
+        _call("vlm_ssd_forward", *args, y, final, checkpoints)
         if needs_grad:
             ctx.save_for_backward(x, dt, A, B, C, D, checkpoints)
-        if D is not None:
-            y.addcmul_(x, D[:, None] if D.dim() == 1 else D)
+        if D is not None and D_kernel is None:
+            y.addcmul_(x, D)
         return y, final
 
     @staticmethod
@@ -236,40 +244,25 @@ class _SSDScanCPUFn(torch.autograd.Function):
         grad_x, grad_dt = torch.empty_like(x), torch.empty_like(dt)
         grad_B, grad_C = x.new_empty(b, length, h, n), x.new_empty(b, length, h, n)
         grad_A, grad_h0 = x.new_empty(b, h), x.new_empty(b, h, p, n)
-        _call(
-            "vlm_ssd_backward",
-            b,
-            length,
-            h,
-            p,
-            g,
-            n,
-            _CHECKPOINT_STEPS,
-            x,
-            dt,
-            A,
-            B,
-            C,
-            checkpoints,
-            grad_y,
-            grad_final,
-            grad_x,
-            grad_dt,
-            grad_B,
-            grad_C,
-            grad_A,
-            grad_h0,
-        )
-        grad_D = None
-        if D is not None and grad_y is not None:
-            grad_x.addcmul_(grad_y, D[:, None] if D.dim() == 1 else D)
+        D_kernel = D if D is not None and D.dim() == 1 else None
+        grad_D = None if D_kernel is None else x.new_empty(b, h)
+        args = (b, length, h, p, g, n, _CHECKPOINT_STEPS, h * p, g * n, h * p, x, dt, A, B, C, D_kernel)
+        grads = (grad_x, grad_dt, grad_B, grad_C, grad_A, grad_D, grad_h0)
+        _call("vlm_ssd_backward", *args, checkpoints, grad_y, grad_final, *grads)
+        if D_kernel is not None:
+            grad_D = grad_D.sum(0)
+        elif D is not None and grad_y is not None:
+            grad_x.addcmul_(grad_y, D)
             grad_D = (grad_y * x).sum((0, 1))
-            grad_D = grad_D.sum(-1) if D.dim() == 1 else grad_D
         elif D is not None:
             grad_D = torch.zeros_like(D)
-        grad_B = grad_B.view(b, length, g, h // g, n).sum(3)
-        grad_C = grad_C.view(b, length, g, h // g, n).sum(3)
-        return grad_x, grad_dt, grad_A.sum(0), grad_B, grad_C, grad_D, grad_h0
+        return grad_x, grad_dt, grad_A.sum(0), _sum_heads(grad_B, g), _sum_heads(grad_C, g), grad_D, grad_h0
+
+
+def _sum_heads(grad: torch.Tensor, groups: int) -> torch.Tensor:
+    """A per-head gradient of B or C, (b, l, h, n), summed over each group's heads: (b, l, g, n)."""
+    b, length, h, n = grad.shape
+    return grad.view(b, length, groups, h // groups, n).sum(3)
 
 
 def ssd_scan_cpu(x, dt, A, B, C, D, h0):
@@ -287,7 +280,7 @@ class _CausalConvCPUFn(torch.autograd.Function):
         b, length, c = x.shape
         k = weight_kc.shape[0]
         out = torch.empty_like(x)
-        _call("vlm_conv_forward", b, length, c, k, x, weight_kc, bias, left, int(silu), out)
+        _call("vlm_conv_forward", b, length, c, k, c, x, weight_kc, bias, left, int(silu), out)
         ctx.save_for_backward(x, weight_kc, bias, left)
         ctx.silu = silu
         return out
@@ -306,6 +299,8 @@ class _CausalConvCPUFn(torch.autograd.Function):
             length,
             c,
             k,
+            c,
+            c,
             x,
             weight_kc,
             bias,
@@ -387,6 +382,7 @@ class _RMSNormCPUFn(torch.autograd.Function):
             grad_out,
             grad_x,
             grad_z,
+            d,
             grad_w,
         )
         return grad_x, grad_z, grad_w, None, None
@@ -463,3 +459,110 @@ def selective_scan_cpu(u, delta, A, B, C, h0):
         C.transpose(1, 2).contiguous(),
         h0.contiguous(),
     )
+
+
+class _Mamba2MixerCPUFn(torch.autograd.Function):
+    """A Mamba-2 mixer from in_proj's output to out_proj's input, in the kernels and in one autograd node.
+
+    It reads z, xBC and dt where in_proj wrote them (slices of one (b, l, d_inner + conv_dim + heads) tensor)
+    and writes their gradients into one tensor of that shape: no split copies, no joined gradients, no
+    contiguous copies of x, B and C for the scan, and the skip D * x inside the scan kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, zxbcdt, weight_kc, conv_bias, dt_bias, A, D, norm_weight, sizes, eps):
+        d_inner, groups, state, head_dim, norm_group = sizes
+        b, length, width = zxbcdt.shape
+        k, conv_dim = weight_kc.shape
+        heads = width - d_inner - conv_dim
+        z, xbc, dt_raw = zxbcdt.split([d_inner, conv_dim, heads], dim=-1)
+        conv_out = zxbcdt.new_empty(b, length, conv_dim)
+        _call("vlm_conv_forward", b, length, conv_dim, k, width, xbc, weight_kc, conv_bias, None, 1, conv_out)
+        dt_pre = dt_raw + dt_bias
+        dt = F.softplus(dt_pre)
+        x, B, C = conv_out.split([d_inner, groups * state, groups * state], dim=-1)
+        needs_grad = any(ctx.needs_input_grad)
+        y = zxbcdt.new_empty(b, length, d_inner)
+        checkpoints = _checkpoints(y, b, heads, length, head_dim, state) if needs_grad else None
+        dims = (b, length, heads, head_dim, groups, state, _CHECKPOINT_STEPS, conv_dim, conv_dim)
+        _call("vlm_ssd_forward", *dims, x, dt, A, B, C, D, None, y, None, checkpoints)
+        rows = b * length
+        out = torch.empty_like(y)
+        rstd = y.new_empty(rows, d_inner // norm_group)
+        norm_args = (rows, d_inner, norm_group, y, d_inner, z, width, norm_weight, eps)
+        _call("vlm_rmsnorm_forward", *norm_args, out, rstd)
+        if needs_grad:
+            saved = (zxbcdt, weight_kc, conv_bias, dt_pre, dt, A, D, norm_weight, conv_out, y, checkpoints)
+            ctx.save_for_backward(*saved, rstd)
+            ctx.sizes = sizes
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        zxbcdt, weight_kc, conv_bias, dt_pre, dt, A, D, norm_weight, conv_out, y, checkpoints, rstd = (
+            ctx.saved_tensors
+        )
+        d_inner, groups, state, head_dim, norm_group = ctx.sizes
+        b, length, width = zxbcdt.shape
+        k, conv_dim = weight_kc.shape
+        heads = width - d_inner - conv_dim
+        rows = b * length
+        grad_out = grad_out.to(y.dtype).contiguous()
+        grad = torch.empty_like(zxbcdt)  # every slice of it is written below
+        grad_z, grad_xbc, grad_dt_raw = grad.split([d_inner, conv_dim, heads], dim=-1)
+        z, xbc, _ = zxbcdt.split([d_inner, conv_dim, heads], dim=-1)
+
+        grad_y, grad_norm_weight = torch.empty_like(y), torch.empty_like(norm_weight)
+        norm_args = (rows, d_inner, norm_group, y, d_inner, z, width, norm_weight, rstd, grad_out)
+        _call("vlm_rmsnorm_backward", *norm_args, grad_y, grad_z, width, grad_norm_weight)
+
+        gn = groups * state
+        x, B, C = conv_out.split([d_inner, gn, gn], dim=-1)
+        grad_conv = torch.empty_like(conv_out)
+        grad_x, grad_B, grad_C = grad_conv.split([d_inner, gn, gn], dim=-1)
+        grad_B_heads, grad_C_heads = (y.new_empty(b, length, heads, state) for _ in range(2))
+        grad_dt, grad_A, grad_D = torch.empty_like(dt), y.new_empty(b, heads), y.new_empty(b, heads)
+        dims = (b, length, heads, head_dim, groups, state, _CHECKPOINT_STEPS, conv_dim, conv_dim, conv_dim)
+        grads = (grad_x, grad_dt, grad_B_heads, grad_C_heads, grad_A, grad_D, None)
+        _call("vlm_ssd_backward", *dims, x, dt, A, B, C, D, checkpoints, grad_y, None, *grads)
+        grad_B.copy_(_sum_heads(grad_B_heads, groups).flatten(2))
+        grad_C.copy_(_sum_heads(grad_C_heads, groups).flatten(2))
+
+        grad_w = torch.empty_like(weight_kc)
+        grad_bias = None if conv_bias is None else torch.empty_like(conv_bias)
+        conv_args = (b, length, conv_dim, k, width, width, xbc, weight_kc, conv_bias, None, 1, grad_conv)
+        _call("vlm_conv_backward", *conv_args, grad_xbc, grad_w, grad_bias, None)
+
+        grad_dt_pre = grad_dt * torch.sigmoid(dt_pre)  # softplus' = sigmoid
+        grad_dt_raw.copy_(grad_dt_pre)
+        grad_dt_bias = grad_dt_pre.sum((0, 1))
+        grad_params = (grad_w, grad_bias, grad_dt_bias, grad_A.sum(0), grad_D.sum(0), grad_norm_weight)
+        return grad, *grad_params, None, None
+
+
+def mamba2_mixer_cpu(
+    zxbcdt: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    dt_bias: torch.Tensor,
+    A: torch.Tensor,
+    D: torch.Tensor,
+    norm_weight: torch.Tensor,
+    d_inner: int,
+    groups: int,
+    state: int,
+    head_dim: int,
+    norm_group: int,
+    eps: float,
+) -> torch.Tensor:
+    """A Mamba-2 mixer without cache or padding mask, from in_proj's output zxbcdt (b, l, d_inner + conv_dim +
+    heads) = [z, xBC, dt] to the gated norm's output (b, l, d_inner): causal conv + SiLU over xBC (conv_weight
+    (conv_dim, k)), dt = softplus(dt + dt_bias) with no clamp, the SSD scan with one A and D per head and no
+    initial state, and RMSNorm(y * SiLU(z)) per group of `norm_group` channels times norm_weight.
+    Differentiable; every tensor of one dtype, fp32 or fp64; needs the kernels (`kernels_available_for`)."""
+    dtype = zxbcdt.dtype
+    weight_kc = conv_weight.t().to(dtype).contiguous()
+    bias = None if conv_bias is None else conv_bias.to(dtype).contiguous()
+    params = [t.to(dtype).contiguous() for t in (dt_bias, A, D, norm_weight)]
+    sizes = (d_inner, groups, state, head_dim, norm_group)
+    return _Mamba2MixerCPUFn.apply(zxbcdt.contiguous(), weight_kc, bias, *params, sizes, float(eps))

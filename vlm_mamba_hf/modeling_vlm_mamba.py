@@ -27,7 +27,7 @@ from transformers.utils import ModelOutput
 
 from .cache_vlm_mamba import VLMambaStateCache
 from .configuration_vlm_mamba import VLMambaConfig, VLMambaVisionConfig, validate_mamba_text_config
-from .cpu_kernels import kernels_available_for, rms_norm_cpu
+from .cpu_kernels import kernels_available_for, mamba2_mixer_cpu, rms_norm_cpu
 from .fused_loss import fused_causal_lm_loss
 from .image_contrast import (
     ALPHA_KEY,
@@ -619,12 +619,41 @@ class VLMambaMamba2Mixer(_KeepSSMParametersFP32, nn.Module):
         """in_proj and split: z (b, l, d_inner), xBC (b, l, conv_dim) zeroed at padding, dt (b, l, heads)."""
         if mask is not None:
             hidden_states = hidden_states * mask
-        z, xbc, dt = torch.split(
-            self.in_proj(hidden_states), [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1
-        )
+        return self._split_projection(self.in_proj(hidden_states), mask)
+
+    def _split_projection(self, zxbcdt: torch.Tensor, mask: torch.Tensor | None):
+        z, xbc, dt = torch.split(zxbcdt, [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
         if mask is not None:
             xbc = xbc * mask  # zero padded positions before the conv, whatever in_proj's bias
         return z, xbc, dt
+
+    def _can_fuse_on_cpu(self, zxbcdt: torch.Tensor) -> bool:
+        """Whether conv .. gated norm may run as one fused CPU function (`cpu_kernels.mamba2_mixer_cpu`): CPU
+        kernels available, fp32 or fp64 projections, SiLU, dt unclamped, and the conv and the norm exactly their
+        own classes with no hook (the function reads their weights; the projections stay module calls)."""
+        if zxbcdt.dtype not in (torch.float32, torch.float64) or self.activation not in ("silu", "swish"):
+            return False
+        if tuple(self.time_step_limit) != (0.0, float("inf")):
+            return False
+        plain = _is_plain(self.conv1d, nn.Conv1d) and _is_plain(self.norm, VLMambaGatedRMSNorm)
+        return plain and kernels_available_for(zxbcdt)
+
+    def _fused_cpu_forward(self, zxbcdt: torch.Tensor) -> torch.Tensor:
+        return mamba2_mixer_cpu(
+            zxbcdt,
+            self.conv1d.weight.squeeze(1),
+            self.conv1d.bias,
+            self.dt_bias,
+            -torch.exp(self.A_log.float()),
+            self.D,
+            self.norm.weight,
+            d_inner=self.intermediate_size,
+            groups=self.n_groups,
+            state=self.ssm_state_size,
+            head_dim=self.head_dim,
+            norm_group=self.norm.group_size,
+            eps=self.norm.variance_epsilon,
+        )
 
     def forward(
         self,
@@ -637,7 +666,13 @@ class VLMambaMamba2Mixer(_KeepSSMParametersFP32, nn.Module):
         mask = None
         if attention_mask is not None and seq_len > 1:
             mask = attention_mask[:, :, None].to(hidden_states.dtype)
-        z, xbc, dt = self._project(hidden_states, mask)
+        if cache is None and mask is None:
+            zxbcdt = self.in_proj(hidden_states)
+            if self._can_fuse_on_cpu(zxbcdt):
+                return self.out_proj(self._fused_cpu_forward(zxbcdt).to(hidden_states.dtype))
+            z, xbc, dt = self._split_projection(zxbcdt, None)
+        else:
+            z, xbc, dt = self._project(hidden_states, mask)
 
         conv_state = ssm_state = None
         if cache is not None:

@@ -4,12 +4,15 @@
 //
 // Plain C ABI (called through ctypes, no torch headers), built once per machine by
 // vlm_mamba_hf/cpu_kernels.py with the system C++ compiler. Same contract as ops_ssd.ssd_scan_ref with dt
-// already final (bias, softplus and clamp applied) and without the skip D * x and the gate, which stay in
-// PyTorch:
+// already final (bias, softplus and clamp applied), with the skip D * x for one D per head (optional) and
+// without the gate, which stays in PyTorch:
 //
 //   a_t = exp(dt_t * A)                      per (batch, head)
 //   S_t = a_t * S_{t-1} + (dt_t x_t) B_t^T   S: (head_dim p, state n), B_t and C_t of the head's group
-//   y_t = S_t C_t
+//   y_t = S_t C_t + D x_t
+//
+// x, B and C may be slices of a wider tensor (the conv output [x, B, C] of a Mamba-2 mixer): each has its own
+// distance between time steps, and so may grad_x.
 //
 // The forward pass keeps the state in a small per-task buffer and stores it every K steps (the checkpoints);
 // the backward pass walks the segments from the last, recomputes the K states of a segment from its
@@ -40,8 +43,10 @@
 
 namespace {
 
+// xs: the distance between time steps in x (h * p when contiguous; more when x is a slice of the conv output
+// [x, B, C]); bcs: the same for B and C; gxs: for grad_x.
 struct Dims {
-  int64_t b, L, h, p, g, n, K;
+  int64_t b, L, h, p, g, n, K, xs, bcs, gxs;
   int64_t pn() const { return p * n; }
   int64_t segments() const { return (L + K - 1) / K; }
   int64_t group(int64_t head) const { return head / (h / g); }
@@ -125,23 +130,30 @@ inline void step_state(const Dims& d, T* S, const T* prev, T decay, T step, cons
 }
 
 template <typename T, int P>
-void forward(const Dims& d, const T* x, const T* dt, const T* A, const T* B, const T* C, const T* h0, T* y,
-             T* final_state, T* checkpoints, int threads) {
+void forward(const Dims& d, const T* x, const T* dt, const T* A, const T* B, const T* C, const T* D,
+             const T* h0, T* y, T* final_state, T* checkpoints, int threads) {
   const int64_t pn = d.pn(), segments = d.segments();
   parallel_for(d.b * d.h, threads, [&](int64_t bh) {
     const int64_t bi = bh / d.h, hi = bh % d.h, gi = d.group(hi);
-    std::vector<T> state(pn), u(d.p);
+    std::vector<T> state(pn, T(0)), u(d.p);
     T* S = state.data();
-    load_transposed(d, h0 + bh * pn, S);
+    if (h0) load_transposed(d, h0 + bh * pn, S);
     for (int64_t t = 0; t < d.L; ++t) {
       if (checkpoints && t % d.K == 0) std::memcpy(checkpoints + (bh * segments + t / d.K) * pn, S, pn * sizeof(T));
       const int64_t row = bi * d.L + t;
-      if (t + kPrefetchSteps < d.L) prefetch_row(x + ((row + kPrefetchSteps) * d.h + hi) * d.p, d.p);
+      if (t + kPrefetchSteps < d.L) prefetch_row(x + (row + kPrefetchSteps) * d.xs + hi * d.p, d.p);
       const T step = dt[row * d.h + hi];
-      step_state<T, P>(d, S, S, static_cast<T>(std::exp(step * A[hi])), step, x + (row * d.h + hi) * d.p,
-                 B + (row * d.g + gi) * d.n, C + (row * d.g + gi) * d.n, y + (row * d.h + hi) * d.p, u.data());
+      const T* xt = x + row * d.xs + hi * d.p;
+      T* yt = y + (row * d.h + hi) * d.p;
+      step_state<T, P>(d, S, S, static_cast<T>(std::exp(step * A[hi])), step, xt, B + row * d.bcs + gi * d.n,
+                       C + row * d.bcs + gi * d.n, yt, u.data());
+      if (D) {
+        const T skip = D[hi];
+#pragma omp simd
+        for (int64_t i = 0; i < d.p; ++i) yt[i] += skip * xt[i];
+      }
     }
-    store_transposed(d, S, final_state + bh * pn);
+    if (final_state) store_transposed(d, S, final_state + bh * pn);
   });
 }
 
@@ -240,9 +252,9 @@ inline void backward_step_vec(int64_t n, const T* S_t, const T* S_prev, T* G, co
 }
 
 template <typename T, int P>
-void backward(const Dims& d, const T* x, const T* dt, const T* A, const T* B, const T* C, const T* checkpoints,
-              const T* grad_y, const T* grad_final, T* grad_x, T* grad_dt, T* grad_B, T* grad_C, T* grad_A,
-              T* grad_h0, int threads) {
+void backward(const Dims& d, const T* x, const T* dt, const T* A, const T* B, const T* C, const T* D,
+              const T* checkpoints, const T* grad_y, const T* grad_final, T* grad_x, T* grad_dt, T* grad_B,
+              T* grad_C, T* grad_A, T* grad_D, T* grad_h0, int threads) {
   const int64_t pn = d.pn(), segments = d.segments();
   parallel_for(d.b * d.h, threads, [&](int64_t bh) {
     const int64_t bi = bh / d.h, hi = bh % d.h, gi = d.group(hi);
@@ -258,29 +270,30 @@ void backward(const Dims& d, const T* x, const T* dt, const T* A, const T* B, co
     T* g_a = P > 0 ? g_a_local : g_a_buf.data();
     T* G = G_buf.data();
     if (grad_final) load_transposed(d, grad_final + bh * pn, G);
-    T g_A = 0;
+    T g_A = 0, g_D = 0;
+    const T skip = D ? D[hi] : T(0);
     for (int64_t seg = segments - 1; seg >= 0; --seg) {
       const int64_t t0 = seg * d.K, t1 = std::min(d.L, t0 + d.K);
       std::memcpy(states.data(), checkpoints + (bh * segments + seg) * pn, pn * sizeof(T));
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t row = bi * d.L + t, k = t - t0;
-        if (t + kPrefetchSteps < t1) prefetch_row(x + ((row + kPrefetchSteps) * d.h + hi) * d.p, d.p);
+        if (t + kPrefetchSteps < t1) prefetch_row(x + (row + kPrefetchSteps) * d.xs + hi * d.p, d.p);
         const T step = dt[row * d.h + hi];
         decays[k] = static_cast<T>(std::exp(step * a_coef));
         step_state<T, P>(d, states.data() + (k + 1) * pn, states.data() + k * pn, decays[k], step,
-                   x + (row * d.h + hi) * d.p, B + (row * d.g + gi) * d.n, C + (row * d.g + gi) * d.n,
-                   static_cast<T*>(nullptr), u);
+                         x + row * d.xs + hi * d.p, B + row * d.bcs + gi * d.n, C + row * d.bcs + gi * d.n,
+                         static_cast<T*>(nullptr), u);
       }
       for (int64_t t = t1 - 1; t >= t0; --t) {
         const int64_t row = bi * d.L + t, k = t - t0;
         if (t - kPrefetchSteps >= 0 && grad_y) prefetch_row(grad_y + ((row - kPrefetchSteps) * d.h + hi) * d.p, d.p);
-        if (t - kPrefetchSteps >= t0) prefetch_row(x + ((row - kPrefetchSteps) * d.h + hi) * d.p, d.p);
+        if (t - kPrefetchSteps >= t0) prefetch_row(x + (row - kPrefetchSteps) * d.xs + hi * d.p, d.p);
         const T step = dt[row * d.h + hi], decay = decays[k];
         const T* S_prev = states.data() + k * pn;
         const T* S_t = S_prev + pn;
-        const T* xt = x + (row * d.h + hi) * d.p;
-        const T* Bt = B + (row * d.g + gi) * d.n;
-        const T* Ct = C + (row * d.g + gi) * d.n;
+        const T* xt = x + row * d.xs + hi * d.p;
+        const T* Bt = B + row * d.bcs + gi * d.n;
+        const T* Ct = C + row * d.bcs + gi * d.n;
         const T* dy = grad_y ? grad_y + (row * d.h + hi) * d.p : zeros.data();
         T* gB = grad_B + (row * d.h + hi) * d.n;
         T* gC = grad_C + (row * d.h + hi) * d.n;
@@ -313,11 +326,12 @@ void backward(const Dims& d, const T* x, const T* dt, const T* A, const T* B, co
           }
         }
         T g_step = 0, g_decay = 0;
-        T* gx = grad_x + (row * d.h + hi) * d.p;
+        T* gx = grad_x + row * d.gxs + hi * d.p;
         for (int64_t i = 0; i < p; ++i) {
-          gx[i] = g_u[i] * step;
+          gx[i] = g_u[i] * step + skip * dy[i];  // y_t = ... + D x_t
           g_step += g_u[i] * xt[i];
           g_decay += g_a[i];
+          g_D += dy[i] * xt[i];
         }
         // a = exp(dt A): da/d(dt) = a A, da/dA = a dt.
         grad_dt[row * d.h + hi] = g_step + g_decay * decay * a_coef;
@@ -325,7 +339,8 @@ void backward(const Dims& d, const T* x, const T* dt, const T* A, const T* B, co
       }
     }
     grad_A[bh] = g_A;
-    store_transposed(d, G, grad_h0 + bh * pn);
+    if (grad_D) grad_D[bh] = g_D;
+    if (grad_h0) store_transposed(d, G, grad_h0 + bh * pn);
   });
 }
 
@@ -351,20 +366,30 @@ inline float exp_vec(float v) {
 inline float sigmoid(float v) { return 1.0f / (1.0f + exp_vec(-v)); }
 inline double sigmoid(double v) { return 1.0 / (1.0 + std::exp(-v)); }
 
-// Row e of the extended input [left; x] of batch bi (e < k - 1 reads left).
+// The conv's sizes: x has L rows of c channels per batch element, xs values apart (c when contiguous, more
+// when x is a slice of a wider projection); k taps.
+struct ConvDims {
+  int64_t L, c, k, xs;
+};
+
+// Row e of the extended input [left; x] of batch bi (e < k - 1 reads left); null for a left row when there is
+// no left context (zeros).
 template <typename T>
-inline const T* ext_row(int64_t L, int64_t c, int64_t k, const T* x, const T* left, int64_t bi, int64_t e) {
-  return e < k - 1 ? left + (bi * (k - 1) + e) * c : x + (bi * L + e - (k - 1)) * c;
+inline const T* ext_row(const ConvDims& d, const T* x, const T* left, int64_t bi, int64_t e) {
+  if (e >= d.k - 1) return x + (bi * d.L + e - (d.k - 1)) * d.xs;
+  return left ? left + (bi * (d.k - 1) + e) * d.c : nullptr;
 }
 
 // pre_t = bias + sum_j w_j * e_{t+j} for one row t of batch bi.
 template <typename T>
-inline void conv_row(int64_t L, int64_t c, int64_t k, const T* x, const T* w, const T* bias, const T* left,
-                     int64_t bi, int64_t t, T* pre) {
+inline void conv_row(const ConvDims& d, const T* x, const T* w, const T* bias, const T* left, int64_t bi,
+                     int64_t t, T* pre) {
+  const int64_t c = d.c;
   if (bias) std::memcpy(pre, bias, c * sizeof(T));
   else std::fill(pre, pre + c, T(0));
-  for (int64_t j = 0; j < k; ++j) {
-    const T* src = ext_row(L, c, k, x, left, bi, t + j);
+  for (int64_t j = 0; j < d.k; ++j) {
+    const T* src = ext_row(d, x, left, bi, t + j);
+    if (!src) continue;
     const T* wj = w + j * c;
 #pragma omp simd
     for (int64_t ch = 0; ch < c; ++ch) pre[ch] += wj[ch] * src[ch];
@@ -372,11 +397,12 @@ inline void conv_row(int64_t L, int64_t c, int64_t k, const T* x, const T* w, co
 }
 
 template <typename T>
-void conv_forward(int64_t b, int64_t L, int64_t c, int64_t k, const T* x, const T* w, const T* bias,
-                  const T* left, int silu, T* out, int threads) {
+void conv_forward(int64_t b, const ConvDims& d, const T* x, const T* w, const T* bias, const T* left, int silu,
+                  T* out, int threads) {
+  const int64_t L = d.L, c = d.c;
   parallel_for(b * L, threads, [&](int64_t r) {
     T* o = out + r * c;
-    conv_row(L, c, k, x, w, bias, left, r / L, r % L, o);
+    conv_row(d, x, w, bias, left, r / L, r % L, o);
     if (silu) {
 #pragma omp simd
       for (int64_t ch = 0; ch < c; ++ch) o[ch] = o[ch] * sigmoid(o[ch]);
@@ -385,10 +411,12 @@ void conv_forward(int64_t b, int64_t L, int64_t c, int64_t k, const T* x, const 
 }
 
 // grad_w (k, c) and grad_bias (c) are summed here over the batch (per-thread partial sums, then added up).
+// grad_x has rows gxs values apart; grad_left is null when left is (no left context).
 template <typename T>
-void conv_backward(int64_t b, int64_t L, int64_t c, int64_t k, const T* x, const T* w, const T* bias,
+void conv_backward(int64_t b, const ConvDims& d, int64_t gxs, const T* x, const T* w, const T* bias,
                    const T* left, int silu, const T* grad_out, T* grad_x, T* grad_w, T* grad_bias, T* grad_left,
                    int threads) {
+  const int64_t L = d.L, c = d.c, k = d.k;
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, b));
   std::vector<T> partial(workers * (k + 1) * c, T(0));
   parallel_for(workers, static_cast<int>(workers), [&](int64_t wi) {
@@ -400,7 +428,7 @@ void conv_backward(int64_t b, int64_t L, int64_t c, int64_t k, const T* x, const
         T* g = g_pre.data() + t * c;
         const T* go = grad_out + (bi * L + t) * c;
         if (silu) {
-          conv_row(L, c, k, x, w, bias, left, bi, t, g);
+          conv_row(d, x, w, bias, left, bi, t, g);
 #pragma omp simd
           for (int64_t ch = 0; ch < c; ++ch) {
             const T s = sigmoid(g[ch]);
@@ -414,9 +442,9 @@ void conv_backward(int64_t b, int64_t L, int64_t c, int64_t k, const T* x, const
         for (int64_t ch = 0; ch < c; ++ch) gb[ch] += g[ch];
       }
       // Row e of [left; x] feeds output t = e - j through tap j.
-      for (int64_t e = 0; e < L + k - 1; ++e) {
-        T* gx = e < k - 1 ? grad_left + (bi * (k - 1) + e) * c : grad_x + (bi * L + e - (k - 1)) * c;
-        const T* src = ext_row(L, c, k, x, left, bi, e);
+      for (int64_t e = left ? 0 : k - 1; e < L + k - 1; ++e) {
+        T* gx = e < k - 1 ? grad_left + (bi * (k - 1) + e) * c : grad_x + (bi * L + e - (k - 1)) * gxs;
+        const T* src = ext_row(d, x, left, bi, e);
         std::fill(gx, gx + c, T(0));
         for (int64_t j = 0; j < k; ++j) {
           const int64_t t = e - j;
@@ -444,6 +472,29 @@ void conv_backward(int64_t b, int64_t L, int64_t c, int64_t k, const T* x, const
 }
 
 
+// sum_i a_i b_i (c_i): two vector accumulators. A plain loop with a scalar `+=` (even under `omp simd
+// reduction`) may be left as one serial chain of fused multiply-adds, four cycles an element.
+template <typename T>
+inline Vec<T> product_vec(const T* a, const T* b, const T* c, int64_t i) {
+  const Vec<T> ab = load_vec(a + i) * load_vec(b + i);
+  return c ? ab * load_vec(c + i) : ab;
+}
+
+template <typename T>
+inline T dot(const T* a, const T* b, const T* c, int64_t n) {
+  constexpr int64_t lanes = kVecBytes / sizeof(T);
+  Vec<T> acc0{}, acc1{};
+  int64_t i = 0;
+  for (; i + 2 * lanes <= n; i += 2 * lanes) {
+    acc0 += product_vec(a, b, c, i);
+    acc1 += product_vec(a, b, c, i + lanes);
+  }
+  for (; i + lanes <= n; i += lanes) acc0 += product_vec(a, b, c, i);
+  T s = sum_lanes(acc0 + acc1);
+  for (; i < n; ++i) s += a[i] * b[i] * (c ? c[i] : T(1));
+  return s;
+}
+
 template <typename T>
 void rmsnorm_forward(int64_t rows, int64_t d, int64_t gs, const T* x, int64_t x_stride, const T* z,
                      int64_t z_stride, const T* w, T eps, T* out, T* rstd, int threads) {
@@ -460,10 +511,7 @@ void rmsnorm_forward(int64_t rows, int64_t d, int64_t gs, const T* x, int64_t x_
     }
     for (int64_t k = 0; k < groups; ++k) {
       T* og = o + k * gs;
-      T ss = 0;
-#pragma omp simd reduction(+ : ss)
-      for (int64_t i = 0; i < gs; ++i) ss += og[i] * og[i];
-      const T inv = T(1) / std::sqrt(ss / T(gs) + eps);
+      const T inv = T(1) / std::sqrt(dot<T>(og, og, nullptr, gs) / T(gs) + eps);
       rstd[r * groups + k] = inv;
       const T* wg = w + k * gs;
 #pragma omp simd
@@ -472,53 +520,58 @@ void rmsnorm_forward(int64_t rows, int64_t d, int64_t gs, const T* x, int64_t x_
   });
 }
 
-// grad_z may be null (no gate); grad_w (d) is summed here over the rows (per-thread partial sums).
+// grad_z (rows of grad_z_stride, e.g. inside the gradient of a wider projection) may be null (no gate);
+// grad_x is contiguous; grad_w (d) is summed here over the rows (per-thread partial sums). The gated input
+// h = x * SiLU(z) and its sigmoid are recomputed once per row into local buffers.
 template <typename T>
 void rmsnorm_backward(int64_t rows, int64_t d, int64_t gs, const T* x, int64_t x_stride, const T* z,
                       int64_t z_stride, const T* w, const T* rstd, const T* grad_out, T* grad_x, T* grad_z,
-                      T* grad_w, int threads) {
+                      int64_t grad_z_stride, T* grad_w, int threads) {
   const int64_t groups = d / gs;
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, rows));
   std::vector<T> partial(workers * d, T(0));
   parallel_for(workers, static_cast<int>(workers), [&](int64_t wi) {
-    T* gw = partial.data() + wi * d;
-    std::vector<T> h(d), gh(d);
+    T* __restrict gw = partial.data() + wi * d;
+    std::vector<T> h_buf(d), s_buf(d);
+    T* __restrict h = h_buf.data();
+    T* __restrict sg = s_buf.data();
     for (int64_t r = rows * wi / workers; r < rows * (wi + 1) / workers; ++r) {
-      const T* xr = x + r * x_stride;
-      const T* zr = z ? z + r * z_stride : nullptr;
-      const T* go = grad_out + r * d;
+      const T* __restrict xr = x + r * x_stride;
+      const T* __restrict zr = z ? z + r * z_stride : nullptr;
+      const T* __restrict go = grad_out + r * d;
+      T* __restrict gx = grad_x + r * d;
       if (zr) {
-#pragma omp simd
-        for (int64_t i = 0; i < d; ++i) h[i] = xr[i] * zr[i] * sigmoid(zr[i]);
-      } else {
-        std::memcpy(h.data(), xr, d * sizeof(T));
-      }
-      for (int64_t k = 0; k < groups; ++k) {
-        const T inv = rstd[r * groups + k];
-        const int64_t lo = k * gs;
-        T dot = 0;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t i = lo; i < lo + gs; ++i) {
-          const T n = h[i] * inv;
-          const T gn = go[i] * w[i];
-          gw[i] += go[i] * n;
-          dot += gn * n;
-        }
-        dot /= T(gs);
-#pragma omp simd
-        for (int64_t i = lo; i < lo + gs; ++i) gh[i] = inv * (go[i] * w[i] - h[i] * inv * dot);
-      }
-      T* gx = grad_x + r * d;
-      if (zr) {
-        T* gz = grad_z + r * d;
 #pragma omp simd
         for (int64_t i = 0; i < d; ++i) {
           const T s = sigmoid(zr[i]);
-          gx[i] = gh[i] * zr[i] * s;
-          gz[i] = gh[i] * xr[i] * s * (T(1) + zr[i] * (T(1) - s));
+          sg[i] = s;
+          h[i] = xr[i] * zr[i] * s;
         }
-      } else {
-        std::memcpy(gx, gh.data(), d * sizeof(T));
+      }
+      const T* __restrict hv = zr ? h : xr;
+      for (int64_t k = 0; k < groups; ++k) {
+        // out = w h inv with inv = (mean(h^2) + eps)^(-1/2):
+        // dL/dh_i = inv w_i go_i - h_i inv^3 / gs * sum_j w_j go_j h_j.
+        const T inv = rstd[r * groups + k];
+        const int64_t lo = k * gs, hi = lo + gs;
+        const T c = dot(go + lo, w + lo, hv + lo, gs) * inv * inv * inv / T(gs);
+        if (zr) {
+          T* __restrict gz = grad_z + r * grad_z_stride;
+#pragma omp simd
+          for (int64_t i = lo; i < hi; ++i) {
+            gw[i] += go[i] * hv[i] * inv;
+            const T gh = inv * go[i] * w[i] - hv[i] * c;
+            const T s = sg[i];
+            gx[i] = gh * zr[i] * s;
+            gz[i] = gh * xr[i] * s * (T(1) + zr[i] * (T(1) - s));
+          }
+        } else {
+#pragma omp simd
+          for (int64_t i = lo; i < hi; ++i) {
+            gw[i] += go[i] * hv[i] * inv;
+            gx[i] = inv * go[i] * w[i] - hv[i] * c;
+          }
+        }
       }
     }
   });
@@ -670,34 +723,36 @@ void s6_backward(int64_t b, int64_t d, int64_t L, int64_t n, int64_t K, const T*
 
 extern "C" {
 
-#define VLM_SSD_BACKWARD(T, P)                                                                         \
-  backward<T, P>(d, x, dt, A, B, C, checkpoints, grad_y, grad_final, grad_x, grad_dt, grad_B, grad_C, grad_A, \
-                 grad_h0, threads)
+// Head dims 16, 32 and 64 get kernels with the size fixed at compile time; any other size the general one.
+#define VLM_SSD_DISPATCH(CALL, T)                                                                            \
+  switch (p) {                                                                                               \
+    case 16: CALL(T, 16); break;                                                                             \
+    case 32: CALL(T, 32); break;                                                                             \
+    case 64: CALL(T, 64); break;                                                                             \
+    default: CALL(T, 0);                                                                                     \
+  }
+#define VLM_SSD_FORWARD(T, P) forward<T, P>(d, x, dt, A, B, C, D, h0, y, final_state, checkpoints, threads)
+#define VLM_SSD_BACKWARD(T, P)                                                                               \
+  backward<T, P>(d, x, dt, A, B, C, D, checkpoints, grad_y, grad_final, grad_x, grad_dt, grad_B, grad_C,     \
+                 grad_A, grad_D, grad_h0, threads)
 
+// D, h0 and final_state (forward) and D, grad_y, grad_final, grad_D and grad_h0 (backward) may be null.
 #define VLM_SSD_ENTRY_POINTS(T, SUFFIX)                                                                      \
-  int vlm_ssd_forward_##SUFFIX(int64_t b, int64_t L, int64_t h, int64_t p, int64_t g, int64_t n, int64_t K, \
-                               const T* x, const T* dt, const T* A, const T* B, const T* C, const T* h0,     \
-                               T* y, T* final_state, T* checkpoints, int threads) {                          \
-    const Dims d{b, L, h, p, g, n, K};                                                                       \
-    switch (p) {                                                                                             \
-      case 16: forward<T, 16>(d, x, dt, A, B, C, h0, y, final_state, checkpoints, threads); break;          \
-      case 32: forward<T, 32>(d, x, dt, A, B, C, h0, y, final_state, checkpoints, threads); break;          \
-      case 64: forward<T, 64>(d, x, dt, A, B, C, h0, y, final_state, checkpoints, threads); break;          \
-      default: forward<T, 0>(d, x, dt, A, B, C, h0, y, final_state, checkpoints, threads);                  \
-    }                                                                                                        \
+  int vlm_ssd_forward_##SUFFIX(int64_t b, int64_t L, int64_t h, int64_t p, int64_t g, int64_t n, int64_t K,  \
+                               int64_t xs, int64_t bcs, const T* x, const T* dt, const T* A, const T* B,     \
+                               const T* C, const T* D, const T* h0, T* y, T* final_state, T* checkpoints,    \
+                               int threads) {                                                                \
+    const Dims d{b, L, h, p, g, n, K, xs, bcs, h * p};                                                       \
+    VLM_SSD_DISPATCH(VLM_SSD_FORWARD, T)                                                                     \
     return 0;                                                                                                \
   }                                                                                                          \
-  int vlm_ssd_backward_##SUFFIX(int64_t b, int64_t L, int64_t h, int64_t p, int64_t g, int64_t n, int64_t K,  \
-                                const T* x, const T* dt, const T* A, const T* B, const T* C,                 \
-                                const T* checkpoints, const T* grad_y, const T* grad_final, T* grad_x,       \
-                                T* grad_dt, T* grad_B, T* grad_C, T* grad_A, T* grad_h0, int threads) {      \
-    const Dims d{b, L, h, p, g, n, K};                                                                       \
-    switch (p) {                                                                                             \
-      case 16: VLM_SSD_BACKWARD(T, 16); break;                                                                  \
-      case 32: VLM_SSD_BACKWARD(T, 32); break;                                                                  \
-      case 64: VLM_SSD_BACKWARD(T, 64); break;                                                                  \
-      default: VLM_SSD_BACKWARD(T, 0);                                                                          \
-    }                                                                                                        \
+  int vlm_ssd_backward_##SUFFIX(int64_t b, int64_t L, int64_t h, int64_t p, int64_t g, int64_t n, int64_t K, \
+                                int64_t xs, int64_t bcs, int64_t gxs, const T* x, const T* dt, const T* A,   \
+                                const T* B, const T* C, const T* D, const T* checkpoints, const T* grad_y,   \
+                                const T* grad_final, T* grad_x, T* grad_dt, T* grad_B, T* grad_C, T* grad_A, \
+                                T* grad_D, T* grad_h0, int threads) {                                        \
+    const Dims d{b, L, h, p, g, n, K, xs, bcs, gxs};                                                         \
+    VLM_SSD_DISPATCH(VLM_SSD_BACKWARD, T)                                                                    \
     return 0;                                                                                                \
   }
 
@@ -708,17 +763,19 @@ VLM_SSD_ENTRY_POINTS(double, f64)
 
 extern "C" {
 
+// x has rows xs values apart, grad_x gxs; left and grad_left may be null (no left context: zeros).
 #define VLM_CONV_ENTRY_POINTS(T, SUFFIX)                                                                     \
-  int vlm_conv_forward_##SUFFIX(int64_t b, int64_t L, int64_t c, int64_t k, const T* x, const T* w,          \
-                                const T* bias, const T* left, int silu, T* out, int threads) {               \
-    conv_forward<T>(b, L, c, k, x, w, bias, left, silu, out, threads);                                       \
+  int vlm_conv_forward_##SUFFIX(int64_t b, int64_t L, int64_t c, int64_t k, int64_t xs, const T* x,          \
+                                const T* w, const T* bias, const T* left, int silu, T* out, int threads) {   \
+    conv_forward<T>(b, ConvDims{L, c, k, xs}, x, w, bias, left, silu, out, threads);                         \
     return 0;                                                                                                \
   }                                                                                                          \
-  int vlm_conv_backward_##SUFFIX(int64_t b, int64_t L, int64_t c, int64_t k, const T* x, const T* w,         \
-                                 const T* bias, const T* left, int silu, const T* grad_out, T* grad_x,       \
-                                 T* grad_w, T* grad_bias, T* grad_left, int threads) {                       \
-    conv_backward<T>(b, L, c, k, x, w, bias, left, silu, grad_out, grad_x, grad_w, grad_bias, grad_left,     \
-                     threads);                                                                               \
+  int vlm_conv_backward_##SUFFIX(int64_t b, int64_t L, int64_t c, int64_t k, int64_t xs, int64_t gxs,        \
+                                 const T* x, const T* w, const T* bias, const T* left, int silu,             \
+                                 const T* grad_out, T* grad_x, T* grad_w, T* grad_bias, T* grad_left,        \
+                                 int threads) {                                                              \
+    conv_backward<T>(b, ConvDims{L, c, k, xs}, gxs, x, w, bias, left, silu, grad_out, grad_x, grad_w,        \
+                     grad_bias, grad_left, threads);                                                         \
     return 0;                                                                                                \
   }
 
@@ -738,9 +795,10 @@ extern "C" {
   }                                                                                                          \
   int vlm_rmsnorm_backward_##SUFFIX(int64_t rows, int64_t d, int64_t gs, const T* x, int64_t x_stride,       \
                                     const T* z, int64_t z_stride, const T* w, const T* rstd,                 \
-                                    const T* grad_out, T* grad_x, T* grad_z, T* grad_w, int threads) {       \
-    rmsnorm_backward<T>(rows, d, gs, x, x_stride, z, z_stride, w, rstd, grad_out, grad_x, grad_z, grad_w,    \
-                        threads);                                                                            \
+                                    const T* grad_out, T* grad_x, T* grad_z, int64_t grad_z_stride,          \
+                                    T* grad_w, int threads) {                                                \
+    rmsnorm_backward<T>(rows, d, gs, x, x_stride, z, z_stride, w, rstd, grad_out, grad_x, grad_z,            \
+                        grad_z_stride, grad_w, threads);                                                     \
     return 0;                                                                                                \
   }
 
