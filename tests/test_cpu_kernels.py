@@ -162,16 +162,23 @@ def test_ssd_scan_dispatches_cpu_tensors_to_the_kernel_unless_disabled(monkeypat
 
 @pytest.mark.parametrize(
     "k,activation,with_bias,with_state",
-    [(4, "silu", True, False), (4, None, False, True), (3, "silu", True, True), (1, "silu", False, False)],
+    [
+        (4, "silu", True, False),
+        (4, None, False, True),
+        (3, "silu", True, True),
+        (1, "silu", False, False),
+        (14, "silu", True, True),  # more taps than steps
+    ],
 )
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_fused_conv_matches_the_pytorch_path(k, activation, with_bias, with_state, dtype):
     gen = torch.Generator().manual_seed(k)
-    x = torch.randn(3, 11, 6, generator=gen, dtype=dtype)
-    weight = torch.randn(6, k, generator=gen, dtype=dtype)
-    bias = torch.randn(6, generator=gen, dtype=dtype) if with_bias else None
-    state = torch.randn(3, 6, k + 2, generator=gen, dtype=dtype) if with_state else None
-    upstream = torch.randn(3, 11, 6, generator=gen, dtype=dtype)
+    c = 70  # a whole tile of the kernel's 64 channels and a partial one
+    x = torch.randn(3, 11, c, generator=gen, dtype=dtype)
+    weight = torch.randn(c, k, generator=gen, dtype=dtype)
+    bias = torch.randn(c, generator=gen, dtype=dtype) if with_bias else None
+    state = torch.randn(3, c, k + 2, generator=gen, dtype=dtype) if with_state else None
+    upstream = torch.randn(3, 11, c, generator=gen, dtype=dtype)
     results = []
     for enabled in (False, True):
         cpu_kernels.set_cpu_kernels_enabled(enabled)
