@@ -75,6 +75,7 @@ def _rel(ref, other):
         (2, 70, 4, 32, 1, 16),  # head_dim 32, one group for all heads; three segments
         (1, 33, 2, 64, 2, 4),  # head_dim 64
         (2, 65, 3, 5, 3, 3),  # an unspecialised head_dim; one head per group
+        (2, 40, 4, 5, 2, 3),  # an unspecialised head_dim, two heads per group
     ],
 )
 def test_fused_ssd_matches_sequential_reference_fp64(b, length, h, p, g, n):
@@ -139,6 +140,23 @@ def test_fused_ssd_gives_the_same_result_on_several_threads():
     assert torch.equal(one[0], three[0]) and torch.equal(one[1], three[1])
     for name in one[2]:
         assert torch.equal(one[2][name], three[2][name]), name
+
+
+@pytest.mark.parametrize("p", [32, 5])
+def test_fused_ssd_backward_per_group_and_per_head_tasks_agree_with_the_reference(p):
+    """With fewer (batch, group) pairs than threads the backward pass runs one task per head and sums their B
+    and C gradients after; otherwise one task per group sums them as it goes. Both against the reference."""
+    inputs = _ssd_inputs(1, 45, 4, p, 1, 16, torch.float64, seed=5)
+    _, _, grads_ref = _outputs_and_grads(ssd_scan_ref, inputs)
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 3):  # 1: one task for the group's four heads; 3: one task per head
+            torch.set_num_threads(count)
+            _, _, grads = _outputs_and_grads(ssd_fused_cpu, inputs)
+            for name, ref in grads_ref.items():
+                torch.testing.assert_close(grads[name], ref, rtol=1e-9, atol=1e-9, msg=f"{count}: {name}")
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_ssd_scan_dispatches_cpu_tensors_to_the_kernel_unless_disabled(monkeypatch):

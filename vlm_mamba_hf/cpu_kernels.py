@@ -132,7 +132,7 @@ _INT, _PTR, _DOUBLE = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
 # Each entry point's argument types, before the thread count (int) that every one of them takes last.
 _SIGNATURES = {
     "vlm_ssd_forward": [_INT] * 9 + [_PTR] * 10,
-    "vlm_ssd_backward": [_INT] * 10 + [_PTR] * 16,
+    "vlm_ssd_backward": [_INT] * 11 + [_PTR] * 16,
     "vlm_conv_forward": [_INT] * 5 + [_PTR] * 4 + [ctypes.c_int, _PTR],
     "vlm_conv_backward": [_INT] * 6 + [_PTR] * 4 + [ctypes.c_int] + [_PTR] * 5,
     "vlm_rmsnorm_forward": [_INT] * 3 + [_PTR, _INT, _PTR, _INT, _PTR, _DOUBLE, _PTR, _PTR],
@@ -242,11 +242,12 @@ class _SSDScanCPUFn(torch.autograd.Function):
         grad_y = None if grad_y is None else grad_y.to(x.dtype).contiguous()
         grad_final = None if grad_final is None else grad_final.to(x.dtype).contiguous()
         grad_x, grad_dt = torch.empty_like(x), torch.empty_like(dt)
-        grad_B, grad_C = x.new_empty(b, length, h, n), x.new_empty(b, length, h, n)
+        grad_B, grad_C = torch.empty_like(B), torch.empty_like(C)
         grad_A, grad_h0 = x.new_empty(b, h), x.new_empty(b, h, p, n)
         D_kernel = D if D is not None and D.dim() == 1 else None
         grad_D = None if D_kernel is None else x.new_empty(b, h)
-        args = (b, length, h, p, g, n, _CHECKPOINT_STEPS, h * p, g * n, h * p, x, dt, A, B, C, D_kernel)
+        strides = (h * p, g * n, h * p, g * n)  # x, B and C, grad_x, grad_B and grad_C: contiguous
+        args = (b, length, h, p, g, n, _CHECKPOINT_STEPS, *strides, x, dt, A, B, C, D_kernel)
         grads = (grad_x, grad_dt, grad_B, grad_C, grad_A, grad_D, grad_h0)
         _call("vlm_ssd_backward", *args, checkpoints, grad_y, grad_final, *grads)
         if D_kernel is not None:
@@ -256,13 +257,7 @@ class _SSDScanCPUFn(torch.autograd.Function):
             grad_D = (grad_y * x).sum((0, 1))
         elif D is not None:
             grad_D = torch.zeros_like(D)
-        return grad_x, grad_dt, grad_A.sum(0), _sum_heads(grad_B, g), _sum_heads(grad_C, g), grad_D, grad_h0
-
-
-def _sum_heads(grad: torch.Tensor, groups: int) -> torch.Tensor:
-    """A per-head gradient of B or C, (b, l, h, n), summed over each group's heads: (b, l, g, n)."""
-    b, length, h, n = grad.shape
-    return grad.view(b, length, groups, h // groups, n).sum(3)
+        return grad_x, grad_dt, grad_A.sum(0), grad_B, grad_C, grad_D, grad_h0
 
 
 def ssd_scan_cpu(x, dt, A, B, C, D, h0):
@@ -520,13 +515,11 @@ class _Mamba2MixerCPUFn(torch.autograd.Function):
         x, B, C = conv_out.split([d_inner, gn, gn], dim=-1)
         grad_conv = torch.empty_like(conv_out)
         grad_x, grad_B, grad_C = grad_conv.split([d_inner, gn, gn], dim=-1)
-        grad_B_heads, grad_C_heads = (y.new_empty(b, length, heads, state) for _ in range(2))
         grad_dt, grad_A, grad_D = torch.empty_like(dt), y.new_empty(b, heads), y.new_empty(b, heads)
-        dims = (b, length, heads, head_dim, groups, state, _CHECKPOINT_STEPS, conv_dim, conv_dim, conv_dim)
-        grads = (grad_x, grad_dt, grad_B_heads, grad_C_heads, grad_A, grad_D, None)
+        strides = (conv_dim,) * 4  # x, B and C, and their gradients, inside (b, l, conv_dim) tensors
+        dims = (b, length, heads, head_dim, groups, state, _CHECKPOINT_STEPS, *strides)
+        grads = (grad_x, grad_dt, grad_B, grad_C, grad_A, grad_D, None)
         _call("vlm_ssd_backward", *dims, x, dt, A, B, C, D, checkpoints, grad_y, None, *grads)
-        grad_B.copy_(_sum_heads(grad_B_heads, groups).flatten(2))
-        grad_C.copy_(_sum_heads(grad_C_heads, groups).flatten(2))
 
         grad_w = torch.empty_like(weight_kc)
         grad_bias = None if conv_bias is None else torch.empty_like(conv_bias)

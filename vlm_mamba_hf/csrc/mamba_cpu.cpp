@@ -217,14 +217,24 @@ inline double sum_lanes(VecD v) {
   return q[0] + q[1];
 }
 
+// The sums over head_dim a step needs besides the gradients it writes.
+template <typename T>
+struct StepSums {
+  T step, decay, skip;  // dL/d(dt) through u = dt x, dL/d(decay), dL/dD
+};
+
+// gB and gC (n) get this head's dL/dB_t and dL/dC_t; or, with acc_B and acc_C given, those are added up in
+// vectors across the heads of a group (one sum over lanes per group instead of one per head).
 template <typename T, int P>
-inline void backward_step_vec(int64_t n, const T* S_t, const T* S_prev, T* G, const T* dy, const T* u,
-                              const T* Bt, const T* Ct, T decay, T* gB, T* gC, T* g_u, T* g_a) {
+inline StepSums<T> backward_step_vec(int64_t n, const T* S_t, const T* S_prev, T* G, const T* dy, const T* xt,
+                                     T step, T skip, const T* Bt, const T* Ct, T decay, T* gB, T* gC, T* gx,
+                                     Vec<T>* acc_B = nullptr, Vec<T>* acc_C = nullptr) {
   constexpr int lanes = kVecBytes / sizeof(T), nv = P / lanes;
-  Vec<T> vdy[nv], vu[nv], vgu[nv], vga[nv];
+  Vec<T> vdy[nv], vx[nv], vu[nv], vgu[nv], vga[nv];
   for (int v = 0; v < nv; ++v) {
     vdy[v] = load_vec(dy + v * lanes);
-    vu[v] = load_vec(u + v * lanes);
+    vx[v] = load_vec(xt + v * lanes);
+    vu[v] = step * vx[v];
     vgu[v] = Vec<T>{};
     vga[v] = Vec<T>{};
   }
@@ -242,71 +252,93 @@ inline void backward_step_vec(int64_t n, const T* S_t, const T* S_prev, T* G, co
       vga[v] += g * load_vec(Pj + v * lanes);
       store_vec(Gj + v * lanes, g * decay);                  // dL/dS_{t-1} through S_t
     }
-    gC[j] = sum_lanes(gc);
-    gB[j] = sum_lanes(gb);
+    if (acc_B) {
+      acc_C[j] += gc;
+      acc_B[j] += gb;
+    } else {
+      gC[j] = sum_lanes(gc);
+      gB[j] = sum_lanes(gb);
+    }
   }
+  // x_t enters through u = dt x (dL/dx = dt dL/du) and the skip D x; every sum over head_dim in vectors.
+  Vec<T> g_step{}, g_decay{}, g_skip{};
   for (int v = 0; v < nv; ++v) {
-    store_vec(g_u + v * lanes, vgu[v]);
-    store_vec(g_a + v * lanes, vga[v]);
+    store_vec(gx + v * lanes, vgu[v] * step + skip * vdy[v]);
+    g_step += vgu[v] * vx[v];
+    g_decay += vga[v];
+    g_skip += vdy[v] * vx[v];
   }
+  return {sum_lanes(g_step), sum_lanes(g_decay), sum_lanes(g_skip)};
 }
 
+// The backward pass of the heads [h_lo, h_lo + hc) of batch element bi, all of group gi, segment by segment from
+// the last. dL/dB_t and dL/dC_t of the task's heads, summed, go to gB_out / gC_out + (bi * L + t) * out_stride.
+// Summed in vectors across the heads when `grouped` (the vector path only).
 template <typename T, int P>
-void backward(const Dims& d, const T* x, const T* dt, const T* A, const T* B, const T* C, const T* D,
-              const T* checkpoints, const T* grad_y, const T* grad_final, T* grad_x, T* grad_dt, T* grad_B,
-              T* grad_C, T* grad_A, T* grad_D, T* grad_h0, int threads) {
-  const int64_t pn = d.pn(), segments = d.segments();
-  parallel_for(d.b * d.h, threads, [&](int64_t bh) {
-    const int64_t bi = bh / d.h, hi = bh % d.h, gi = d.group(hi);
-    const T a_coef = A[hi];
-    std::vector<T> G_buf(pn, T(0)), states((d.K + 1) * pn), decays(d.K), u_buf(d.p), zeros(d.p, T(0));
-    // With head_dim known at compile time the per-step vectors are local arrays the compiler keeps in
-    // registers across the loop over the state dimension.
-    constexpr int64_t kLocal = P > 0 ? P : 1;
-    T u_local[kLocal], g_u_local[kLocal], g_a_local[kLocal];
-    std::vector<T> g_u_buf(P > 0 ? 0 : d.p), g_a_buf(P > 0 ? 0 : d.p);
-    T* u = P > 0 ? u_local : u_buf.data();
-    T* g_u = P > 0 ? g_u_local : g_u_buf.data();
-    T* g_a = P > 0 ? g_a_local : g_a_buf.data();
-    T* G = G_buf.data();
-    if (grad_final) load_transposed(d, grad_final + bh * pn, G);
-    T g_A = 0, g_D = 0;
-    const T skip = D ? D[hi] : T(0);
-    for (int64_t seg = segments - 1; seg >= 0; --seg) {
-      const int64_t t0 = seg * d.K, t1 = std::min(d.L, t0 + d.K);
-      std::memcpy(states.data(), checkpoints + (bh * segments + seg) * pn, pn * sizeof(T));
+void backward_task(const Dims& d, const T* x, const T* dt, const T* A, const T* B, const T* C, const T* D,
+                   const T* checkpoints, const T* grad_y, const T* grad_final, T* grad_x, T* grad_dt,
+                   T* gB_out, T* gC_out, int64_t out_stride, T* grad_A, T* grad_D, T* grad_h0, int64_t bi,
+                   int64_t gi, int64_t h_lo, int64_t hc) {
+  constexpr bool vector_path = P > 0 && (P * sizeof(T)) % kVecBytes == 0;
+  const int64_t pn = d.pn(), segments = d.segments(), p = P ? P : d.p, n = d.n;
+  std::vector<T> G_buf(hc * pn, T(0)), states(hc * (d.K + 1) * pn), decays(hc * d.K), zeros(p, T(0));
+  std::vector<T> u(p), g_u(p), g_a(p), gB_step(n), gC_step(n), g_A(hc, T(0)), g_D(hc, T(0));
+  std::vector<Vec<T>> acc_B(vector_path ? n : 0), acc_C(vector_path ? n : 0);
+  const bool grouped = vector_path && hc > 1;
+  for (int64_t hh = 0; hh < hc; ++hh)
+    if (grad_final) load_transposed(d, grad_final + (bi * d.h + h_lo + hh) * pn, G_buf.data() + hh * pn);
+  for (int64_t seg = segments - 1; seg >= 0; --seg) {
+    const int64_t t0 = seg * d.K, t1 = std::min(d.L, t0 + d.K);
+    for (int64_t hh = 0; hh < hc; ++hh) {  // the segment's states, recomputed from its checkpoint
+      const int64_t hi = h_lo + hh;
+      T* S = states.data() + hh * (d.K + 1) * pn;
+      std::memcpy(S, checkpoints + ((bi * d.h + hi) * segments + seg) * pn, pn * sizeof(T));
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t row = bi * d.L + t, k = t - t0;
         if (t + kPrefetchSteps < t1) prefetch_row(x + (row + kPrefetchSteps) * d.xs + hi * d.p, d.p);
         const T step = dt[row * d.h + hi];
-        decays[k] = static_cast<T>(std::exp(step * a_coef));
-        step_state<T, P>(d, states.data() + (k + 1) * pn, states.data() + k * pn, decays[k], step,
-                         x + row * d.xs + hi * d.p, B + row * d.bcs + gi * d.n, C + row * d.bcs + gi * d.n,
-                         static_cast<T*>(nullptr), u);
+        const T decay = static_cast<T>(std::exp(step * A[hi]));
+        decays[hh * d.K + k] = decay;
+        step_state<T, P>(d, S + (k + 1) * pn, S + k * pn, decay, step, x + row * d.xs + hi * d.p,
+                         B + row * d.bcs + gi * n, C + row * d.bcs + gi * n, static_cast<T*>(nullptr), u.data());
       }
-      for (int64_t t = t1 - 1; t >= t0; --t) {
-        const int64_t row = bi * d.L + t, k = t - t0;
+    }
+    for (int64_t t = t1 - 1; t >= t0; --t) {
+      const int64_t row = bi * d.L + t, k = t - t0;
+      const T* Bt = B + row * d.bcs + gi * n;
+      const T* Ct = C + row * d.bcs + gi * n;
+      T* gB = gB_out + row * out_stride;
+      T* gC = gC_out + row * out_stride;
+      if (grouped) {
+        std::fill(acc_B.begin(), acc_B.end(), Vec<T>{});
+        std::fill(acc_C.begin(), acc_C.end(), Vec<T>{});
+      } else {
+        std::fill(gB, gB + n, T(0));
+        std::fill(gC, gC + n, T(0));
+      }
+      for (int64_t hh = 0; hh < hc; ++hh) {
+        const int64_t hi = h_lo + hh;
         if (t - kPrefetchSteps >= 0 && grad_y) prefetch_row(grad_y + ((row - kPrefetchSteps) * d.h + hi) * d.p, d.p);
         if (t - kPrefetchSteps >= t0) prefetch_row(x + (row - kPrefetchSteps) * d.xs + hi * d.p, d.p);
-        const T step = dt[row * d.h + hi], decay = decays[k];
-        const T* S_prev = states.data() + k * pn;
+        const T step = dt[row * d.h + hi], decay = decays[hh * d.K + k], skip = D ? D[hi] : T(0);
+        const T* S_prev = states.data() + (hh * (d.K + 1) + k) * pn;
         const T* S_t = S_prev + pn;
+        T* G = G_buf.data() + hh * pn;
         const T* xt = x + row * d.xs + hi * d.p;
-        const T* Bt = B + row * d.bcs + gi * d.n;
-        const T* Ct = C + row * d.bcs + gi * d.n;
         const T* dy = grad_y ? grad_y + (row * d.h + hi) * d.p : zeros.data();
-        T* gB = grad_B + (row * d.h + hi) * d.n;
-        T* gC = grad_C + (row * d.h + hi) * d.n;
-        const int64_t p = P ? P : d.p;
-        for (int64_t i = 0; i < p; ++i) {
-          u[i] = step * xt[i];
-          g_u[i] = 0;
-          g_a[i] = 0;
-        }
-        if constexpr (P > 0 && (P * sizeof(T)) % kVecBytes == 0) {
-          backward_step_vec<T, P>(d.n, S_t, S_prev, G, dy, u, Bt, Ct, decay, gB, gC, g_u, g_a);
+        T* gx = grad_x + row * d.gxs + hi * d.p;
+        StepSums<T> sums;
+        if constexpr (vector_path) {
+          sums = backward_step_vec<T, P>(n, S_t, S_prev, G, dy, xt, step, skip, Bt, Ct, decay, gB_step.data(),
+                                         gC_step.data(), gx, grouped ? acc_B.data() : nullptr,
+                                         grouped ? acc_C.data() : nullptr);
         } else {
-          for (int64_t j = 0; j < d.n; ++j) {
+          for (int64_t i = 0; i < p; ++i) {
+            u[i] = step * xt[i];
+            g_u[i] = 0;
+            g_a[i] = 0;
+          }
+          for (int64_t j = 0; j < n; ++j) {
             const T bj = Bt[j], cj = Ct[j];
             const T* Sj = S_t + j * p;
             const T* Pj = S_prev + j * p;
@@ -321,26 +353,84 @@ void backward(const Dims& d, const T* x, const T* dt, const T* A, const T* B, co
               g_a[i] += g * Pj[i];
               Gj[i] = g * decay;                 // dL/dS_{t-1} through S_t
             }
-            gC[j] = gc;
-            gB[j] = gb;
+            gC_step[j] = gc;
+            gB_step[j] = gb;
+          }
+          sums = {T(0), T(0), T(0)};
+          for (int64_t i = 0; i < p; ++i) {
+            gx[i] = g_u[i] * step + skip * dy[i];  // y_t = ... + D x_t
+            sums.step += g_u[i] * xt[i];
+            sums.decay += g_a[i];
+            sums.skip += dy[i] * xt[i];
           }
         }
-        T g_step = 0, g_decay = 0;
-        T* gx = grad_x + row * d.gxs + hi * d.p;
-        for (int64_t i = 0; i < p; ++i) {
-          gx[i] = g_u[i] * step + skip * dy[i];  // y_t = ... + D x_t
-          g_step += g_u[i] * xt[i];
-          g_decay += g_a[i];
-          g_D += dy[i] * xt[i];
+        if (!grouped) {
+          for (int64_t j = 0; j < n; ++j) {
+            gB[j] += gB_step[j];
+            gC[j] += gC_step[j];
+          }
         }
         // a = exp(dt A): da/d(dt) = a A, da/dA = a dt.
-        grad_dt[row * d.h + hi] = g_step + g_decay * decay * a_coef;
-        g_A += g_decay * decay * step;
+        grad_dt[row * d.h + hi] = sums.step + sums.decay * decay * A[hi];
+        g_A[hh] += sums.decay * decay * step;
+        g_D[hh] += sums.skip;
+      }
+      if (grouped) {
+        for (int64_t j = 0; j < n; ++j) {
+          gB[j] = sum_lanes(acc_B[j]);
+          gC[j] = sum_lanes(acc_C[j]);
+        }
       }
     }
-    grad_A[bh] = g_A;
-    if (grad_D) grad_D[bh] = g_D;
-    if (grad_h0) store_transposed(d, G, grad_h0 + bh * pn);
+  }
+  for (int64_t hh = 0; hh < hc; ++hh) {
+    const int64_t bh = bi * d.h + h_lo + hh;
+    grad_A[bh] = g_A[hh];
+    if (grad_D) grad_D[bh] = g_D[hh];
+    if (grad_h0) store_transposed(d, G_buf.data() + hh * pn, grad_h0 + bh * pn);
+  }
+}
+
+// grad_y and grad_final may be null (no gradient reached them), and grad_D and grad_h0 (not wanted). grad_B and
+// grad_C are per group, (b, L, g, n) with rows gbs values apart (inside the conv output's gradient in a fused
+// mixer); grad_A and grad_D per (batch, head), (b, h): the caller sums them over the batch. With enough
+// (batch, group) pairs for the threads, one task runs all heads of a group (their B and C gradients summed
+// in vectors); otherwise one task per head, each into its own rows, summed over the group's heads after.
+template <typename T, int P>
+void backward(const Dims& d, const T* x, const T* dt, const T* A, const T* B, const T* C, const T* D,
+              const T* checkpoints, const T* grad_y, const T* grad_final, T* grad_x, T* grad_dt, T* grad_B,
+              T* grad_C, int64_t gbs, T* grad_A, T* grad_D, T* grad_h0, int threads) {
+  const int64_t hg = d.h / d.g, n = d.n;
+  if (d.b * d.g >= threads || hg == 1) {
+    parallel_for(d.b * d.g, threads, [&](int64_t bg) {
+      const int64_t bi = bg / d.g, gi = bg % d.g;
+      backward_task<T, P>(d, x, dt, A, B, C, D, checkpoints, grad_y, grad_final, grad_x, grad_dt,
+                          grad_B + gi * n, grad_C + gi * n, gbs, grad_A, grad_D, grad_h0, bi, gi, gi * hg, hg);
+    });
+    return;
+  }
+  std::vector<T> per_head_B(d.b * d.L * d.h * n), per_head_C(d.b * d.L * d.h * n);
+  parallel_for(d.b * d.h, threads, [&](int64_t bh) {
+    const int64_t bi = bh / d.h, hi = bh % d.h;
+    backward_task<T, P>(d, x, dt, A, B, C, D, checkpoints, grad_y, grad_final, grad_x, grad_dt,
+                        per_head_B.data() + hi * n, per_head_C.data() + hi * n, d.h * n, grad_A, grad_D, grad_h0,
+                        bi, d.group(hi), hi, 1);
+  });
+  parallel_for(d.b * d.L, threads, [&](int64_t row) {
+    for (int64_t gi = 0; gi < d.g; ++gi) {
+      T* gB = grad_B + row * gbs + gi * n;
+      T* gC = grad_C + row * gbs + gi * n;
+      std::fill(gB, gB + n, T(0));
+      std::fill(gC, gC + n, T(0));
+      for (int64_t hi = gi * hg; hi < (gi + 1) * hg; ++hi) {
+        const T* src_B = per_head_B.data() + (row * d.h + hi) * n;
+        const T* src_C = per_head_C.data() + (row * d.h + hi) * n;
+        for (int64_t j = 0; j < n; ++j) {
+          gB[j] += src_B[j];
+          gC[j] += src_C[j];
+        }
+      }
+    }
   });
 }
 
@@ -734,9 +824,10 @@ extern "C" {
 #define VLM_SSD_FORWARD(T, P) forward<T, P>(d, x, dt, A, B, C, D, h0, y, final_state, checkpoints, threads)
 #define VLM_SSD_BACKWARD(T, P)                                                                               \
   backward<T, P>(d, x, dt, A, B, C, D, checkpoints, grad_y, grad_final, grad_x, grad_dt, grad_B, grad_C,     \
-                 grad_A, grad_D, grad_h0, threads)
+                 gbs, grad_A, grad_D, grad_h0, threads)
 
-// D, h0 and final_state (forward) and D, grad_y, grad_final, grad_D and grad_h0 (backward) may be null.
+// D, h0 and final_state (forward) and D, grad_y, grad_final, grad_D and grad_h0 (backward) may be null; gbs is
+// the row stride of grad_B and grad_C, (b, L, g, n).
 #define VLM_SSD_ENTRY_POINTS(T, SUFFIX)                                                                      \
   int vlm_ssd_forward_##SUFFIX(int64_t b, int64_t L, int64_t h, int64_t p, int64_t g, int64_t n, int64_t K,  \
                                int64_t xs, int64_t bcs, const T* x, const T* dt, const T* A, const T* B,     \
@@ -747,10 +838,10 @@ extern "C" {
     return 0;                                                                                                \
   }                                                                                                          \
   int vlm_ssd_backward_##SUFFIX(int64_t b, int64_t L, int64_t h, int64_t p, int64_t g, int64_t n, int64_t K, \
-                                int64_t xs, int64_t bcs, int64_t gxs, const T* x, const T* dt, const T* A,   \
-                                const T* B, const T* C, const T* D, const T* checkpoints, const T* grad_y,   \
-                                const T* grad_final, T* grad_x, T* grad_dt, T* grad_B, T* grad_C, T* grad_A, \
-                                T* grad_D, T* grad_h0, int threads) {                                        \
+                                int64_t xs, int64_t bcs, int64_t gxs, int64_t gbs, const T* x, const T* dt,  \
+                                const T* A, const T* B, const T* C, const T* D, const T* checkpoints,        \
+                                const T* grad_y, const T* grad_final, T* grad_x, T* grad_dt, T* grad_B,      \
+                                T* grad_C, T* grad_A, T* grad_D, T* grad_h0, int threads) {                  \
     const Dims d{b, L, h, p, g, n, K, xs, bcs, gxs};                                                         \
     VLM_SSD_DISPATCH(VLM_SSD_BACKWARD, T)                                                                    \
     return 0;                                                                                                \
