@@ -12,8 +12,14 @@ import pytest
 import torch
 from conftest import tiny_mamba2_config
 
-from vlm_mamba_hf import VLMambaConfig, VLMambaForConditionalGeneration, cpu_kernels, ops_ssd
-from vlm_mamba_hf.modeling_vlm_mamba import VLMambaGatedRMSNorm, VLMambaRMSNorm
+from vlm_mamba_hf import (
+    VLMambaConfig,
+    VLMambaForCausalLM,
+    VLMambaForConditionalGeneration,
+    cpu_kernels,
+    ops_ssd,
+)
+from vlm_mamba_hf.modeling_vlm_mamba import VLMambaGatedRMSNorm, VLMambaMamba2Mixer, VLMambaRMSNorm
 from vlm_mamba_hf.ops_ssd import causal_conv1d_rows, ssd_chunked, ssd_fused_cpu, ssd_scan, ssd_scan_ref
 
 pytestmark = pytest.mark.skipif(
@@ -541,8 +547,6 @@ def test_fused_mamba2_mixer_gradcheck():
 
 
 def _mamba2_mixer(seed=0):
-    from vlm_mamba_hf.modeling_vlm_mamba import VLMambaMamba2Mixer
-
     torch.manual_seed(seed)
     mixer = VLMambaMamba2Mixer(tiny_mamba2_config(), layer_idx=0)
     mixer.init_ssm_parameters()
@@ -589,7 +593,7 @@ def test_mamba2_mixer_leaves_the_fused_path_when_it_would_skip_something(monkeyp
     calls = _spy_on_fused_mixer(monkeypatch)
     mixer(hidden)
     assert len(calls) == 1
-    # A padding mask, a cache, a hooked norm, a clamped dt, half precision, kernels off: the unfused path.
+    # A padding mask, a hooked norm, a clamped dt, half precision, kernels off: the unfused path.
     mixer(hidden, attention_mask=torch.tensor([[1] * 7, [1] * 5 + [0] * 2]))
     handle = mixer.norm.register_forward_hook(lambda *args: None)
     mixer(hidden)
@@ -602,3 +606,44 @@ def test_mamba2_mixer_leaves_the_fused_path_when_it_would_skip_something(monkeyp
     cpu_kernels.set_cpu_kernels_enabled(False)
     mixer(hidden)
     assert len(calls) == 1
+
+
+def _prefill_in_two_chunks(model, ids):
+    with torch.no_grad():
+        first = model(ids[:, :13], use_cache=True)
+        second = model(ids[:, 13:], cache=first.cache, use_cache=True)
+    cache = second.cache
+    states = [
+        (cache.get_conv_state(i).clone(), cache.get_recurrent_state(i).clone()) for i in range(len(cache))
+    ]
+    return torch.cat([first.logits, second.logits], 1), states
+
+
+def test_cache_prefill_takes_the_fused_path_and_leaves_the_same_logits_and_states(monkeypatch):
+    """Without gradients a prefill into a cache runs the fused mixer from the cache's states and fills it: the
+    same logits and conv / SSM states as the unfused path, over two chunks (the second continues the first)."""
+    torch.manual_seed(0)
+    model = VLMambaForCausalLM(tiny_mamba2_config()).eval()
+    ids = torch.randint(3, 90, (2, 30), generator=torch.Generator().manual_seed(2))
+    calls = []
+    original = cpu_kernels.mamba2_mixer_prefill_cpu
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape[1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr("vlm_mamba_hf.modeling_vlm_mamba.mamba2_mixer_prefill_cpu", spy)
+    logits, states = _prefill_in_two_chunks(model, ids)
+    layers = len(model.backbone.layers)
+    assert calls == [13] * layers + [17] * layers
+    monkeypatch.setattr(VLMambaMamba2Mixer, "_can_fuse_on_cpu", lambda self, t: False)
+    ref_logits, ref_states = _prefill_in_two_chunks(model, ids)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    for (conv, ssm), (ref_conv, ref_ssm) in zip(states, ref_states):
+        torch.testing.assert_close(conv, ref_conv, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ssm, ref_ssm, rtol=1e-5, atol=1e-5)
+    monkeypatch.undo()
+    monkeypatch.setattr("vlm_mamba_hf.modeling_vlm_mamba.mamba2_mixer_prefill_cpu", spy)
+    calls.clear()
+    model(ids, use_cache=True)  # gradients on: the unfused path, whose backward handles the cache's states
+    assert calls == []

@@ -456,6 +456,32 @@ def selective_scan_cpu(u, delta, A, B, C, h0):
     )
 
 
+def _mixer_forward(zxbcdt, weight_kc, conv_bias, dt_bias, A, D, norm_weight, sizes, eps, **states):
+    """The fused mixer's forward kernels. `states` may hold `left` (b, k - 1, conv_dim) conv context, `h0` and
+    `final` (b, heads, head_dim, state) scan states, and `checkpoints` for a backward pass; None: not used."""
+    d_inner, groups, state, head_dim, norm_group = sizes
+    b, length, width = zxbcdt.shape
+    k, conv_dim = weight_kc.shape
+    heads = width - d_inner - conv_dim
+    z, xbc, dt_raw = zxbcdt.split([d_inner, conv_dim, heads], dim=-1)
+    conv_out = zxbcdt.new_empty(b, length, conv_dim)
+    conv_args = (b, length, conv_dim, k, width, xbc, weight_kc, conv_bias, states.get("left"), 1, conv_out)
+    _call("vlm_conv_forward", *conv_args)
+    dt_pre = dt_raw + dt_bias
+    dt = F.softplus(dt_pre)
+    x, B, C = conv_out.split([d_inner, groups * state, groups * state], dim=-1)
+    y = zxbcdt.new_empty(b, length, d_inner)
+    dims = (b, length, heads, head_dim, groups, state, _CHECKPOINT_STEPS, conv_dim, conv_dim)
+    scan_states = (states.get("h0"), y, states.get("final"), states.get("checkpoints"))
+    _call("vlm_ssd_forward", *dims, x, dt, A, B, C, D, *scan_states)
+    rows = b * length
+    out = torch.empty_like(y)
+    rstd = y.new_empty(rows, d_inner // norm_group)
+    norm_args = (rows, d_inner, norm_group, y, d_inner, z, width, norm_weight, eps)
+    _call("vlm_rmsnorm_forward", *norm_args, out, rstd)
+    return out, (dt_pre, dt, conv_out, y, rstd)
+
+
 class _Mamba2MixerCPUFn(torch.autograd.Function):
     """A Mamba-2 mixer from in_proj's output to out_proj's input, in the kernels and in one autograd node.
 
@@ -466,27 +492,15 @@ class _Mamba2MixerCPUFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, zxbcdt, weight_kc, conv_bias, dt_bias, A, D, norm_weight, sizes, eps):
-        d_inner, groups, state, head_dim, norm_group = sizes
         b, length, width = zxbcdt.shape
-        k, conv_dim = weight_kc.shape
-        heads = width - d_inner - conv_dim
-        z, xbc, dt_raw = zxbcdt.split([d_inner, conv_dim, heads], dim=-1)
-        conv_out = zxbcdt.new_empty(b, length, conv_dim)
-        _call("vlm_conv_forward", b, length, conv_dim, k, width, xbc, weight_kc, conv_bias, None, 1, conv_out)
-        dt_pre = dt_raw + dt_bias
-        dt = F.softplus(dt_pre)
-        x, B, C = conv_out.split([d_inner, groups * state, groups * state], dim=-1)
-        needs_grad = any(ctx.needs_input_grad)
-        y = zxbcdt.new_empty(b, length, d_inner)
-        checkpoints = _checkpoints(y, b, heads, length, head_dim, state) if needs_grad else None
-        dims = (b, length, heads, head_dim, groups, state, _CHECKPOINT_STEPS, conv_dim, conv_dim)
-        _call("vlm_ssd_forward", *dims, x, dt, A, B, C, D, None, y, None, checkpoints)
-        rows = b * length
-        out = torch.empty_like(y)
-        rstd = y.new_empty(rows, d_inner // norm_group)
-        norm_args = (rows, d_inner, norm_group, y, d_inner, z, width, norm_weight, eps)
-        _call("vlm_rmsnorm_forward", *norm_args, out, rstd)
-        if needs_grad:
+        d_inner, _, state, head_dim, _ = sizes
+        heads = d_inner // head_dim
+        checkpoints = None
+        if any(ctx.needs_input_grad):
+            checkpoints = _checkpoints(zxbcdt, b, heads, length, head_dim, state)
+        params = (zxbcdt, weight_kc, conv_bias, dt_bias, A, D, norm_weight)
+        out, (dt_pre, dt, conv_out, y, rstd) = _mixer_forward(*params, sizes, eps, checkpoints=checkpoints)
+        if checkpoints is not None:
             saved = (zxbcdt, weight_kc, conv_bias, dt_pre, dt, A, D, norm_weight, conv_out, y, checkpoints)
             ctx.save_for_backward(*saved, rstd)
             ctx.sizes = sizes
@@ -553,9 +567,47 @@ def mamba2_mixer_cpu(
     (conv_dim, k)), dt = softplus(dt + dt_bias) with no clamp, the SSD scan with one A and D per head and no
     initial state, and RMSNorm(y * SiLU(z)) per group of `norm_group` channels times norm_weight.
     Differentiable; every tensor of one dtype, fp32 or fp64; needs the kernels (`kernels_available_for`)."""
+    inputs = _mixer_inputs(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight)
+    sizes = (d_inner, groups, state, head_dim, norm_group)
+    return _Mamba2MixerCPUFn.apply(*inputs, sizes, float(eps))
+
+
+def _mixer_inputs(zxbcdt, conv_weight, conv_bias, *params):
+    """The fused mixer's tensors in zxbcdt's dtype and the kernels' layout (conv weight as (k, conv_dim))."""
     dtype = zxbcdt.dtype
     weight_kc = conv_weight.t().to(dtype).contiguous()
     bias = None if conv_bias is None else conv_bias.to(dtype).contiguous()
-    params = [t.to(dtype).contiguous() for t in (dt_bias, A, D, norm_weight)]
+    return (zxbcdt.contiguous(), weight_kc, bias, *[t.to(dtype).contiguous() for t in params])
+
+
+@torch.no_grad()
+def mamba2_mixer_prefill_cpu(
+    zxbcdt: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    dt_bias: torch.Tensor,
+    A: torch.Tensor,
+    D: torch.Tensor,
+    norm_weight: torch.Tensor,
+    conv_state: torch.Tensor | None,
+    ssm_state: torch.Tensor | None,
+    d_inner: int,
+    groups: int,
+    state: int,
+    head_dim: int,
+    norm_group: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mamba2_mixer_cpu` for a prefill, without gradients: it continues from a cache's states, conv_state
+    (b, conv_dim, >= k - 1) (its last k - 1 columns are the conv's left context) and ssm_state (b, heads,
+    head_dim, state), either None for zeros, and also returns the final SSM state (in zxbcdt's dtype)."""
+    inputs = _mixer_inputs(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight)
+    b, k, dtype = zxbcdt.shape[0], conv_weight.shape[1], zxbcdt.dtype
+    left = None
+    if conv_state is not None and k > 1:
+        left = conv_state[..., conv_state.shape[-1] - (k - 1) :].transpose(1, 2).to(dtype).contiguous()
+    h0 = None if ssm_state is None else ssm_state.to(dtype).contiguous()
+    final = zxbcdt.new_empty(b, d_inner // head_dim, head_dim, state)
     sizes = (d_inner, groups, state, head_dim, norm_group)
-    return _Mamba2MixerCPUFn.apply(zxbcdt.contiguous(), weight_kc, bias, *params, sizes, float(eps))
+    out, _ = _mixer_forward(*inputs, sizes, float(eps), left=left, h0=h0, final=final)
+    return out, final

@@ -27,7 +27,7 @@ from transformers.utils import ModelOutput
 
 from .cache_vlm_mamba import VLMambaStateCache
 from .configuration_vlm_mamba import VLMambaConfig, VLMambaVisionConfig, validate_mamba_text_config
-from .cpu_kernels import kernels_available_for, mamba2_mixer_cpu, rms_norm_cpu
+from .cpu_kernels import kernels_available_for, mamba2_mixer_cpu, mamba2_mixer_prefill_cpu, rms_norm_cpu
 from .fused_loss import fused_causal_lm_loss
 from .image_contrast import (
     ALPHA_KEY,
@@ -638,15 +638,16 @@ class VLMambaMamba2Mixer(_KeepSSMParametersFP32, nn.Module):
         plain = _is_plain(self.conv1d, nn.Conv1d) and _is_plain(self.norm, VLMambaGatedRMSNorm)
         return plain and kernels_available_for(zxbcdt)
 
-    def _fused_cpu_forward(self, zxbcdt: torch.Tensor) -> torch.Tensor:
-        return mamba2_mixer_cpu(
-            zxbcdt,
+    def _fused_cpu_forward(self, zxbcdt: torch.Tensor, cache: Cache | None) -> torch.Tensor:
+        """The fused mixer; with a cache (a prefill, no gradients), continuing from its states and filling it."""
+        params = (
             self.conv1d.weight.squeeze(1),
             self.conv1d.bias,
             self.dt_bias,
             -torch.exp(self.A_log.float()),
-            self.D,
-            self.norm.weight,
+        )
+        params += (self.D, self.norm.weight)
+        sizes = dict(
             d_inner=self.intermediate_size,
             groups=self.n_groups,
             state=self.ssm_state_size,
@@ -654,6 +655,14 @@ class VLMambaMamba2Mixer(_KeepSSMParametersFP32, nn.Module):
             norm_group=self.norm.group_size,
             eps=self.norm.variance_epsilon,
         )
+        if cache is None:
+            return mamba2_mixer_cpu(zxbcdt, *params, **sizes)
+        states = (cache.get_conv_state(self.layer_idx), cache.get_recurrent_state(self.layer_idx))
+        y, final_state = mamba2_mixer_prefill_cpu(zxbcdt, *params, *states, **sizes)
+        xbc = zxbcdt[..., self.intermediate_size : self.intermediate_size + self.conv_dim]
+        cache.update_conv_state(xbc.transpose(1, 2), self.layer_idx, conv_kernel_size=self.conv_kernel_size)
+        cache.update_recurrent_state(final_state, self.layer_idx)
+        return y
 
     def forward(
         self,
@@ -666,19 +675,21 @@ class VLMambaMamba2Mixer(_KeepSSMParametersFP32, nn.Module):
         mask = None
         if attention_mask is not None and seq_len > 1:
             mask = attention_mask[:, :, None].to(hidden_states.dtype)
-        if cache is None and mask is None:
-            zxbcdt = self.in_proj(hidden_states)
-            if self._can_fuse_on_cpu(zxbcdt):
-                return self.out_proj(self._fused_cpu_forward(zxbcdt).to(hidden_states.dtype))
-            z, xbc, dt = self._split_projection(zxbcdt, None)
-        else:
-            z, xbc, dt = self._project(hidden_states, mask)
-
         conv_state = ssm_state = None
         if cache is not None:
             conv_state = cache.get_conv_state(self.layer_idx)
             ssm_state = cache.get_recurrent_state(self.layer_idx)
-        if conv_state is not None and ssm_state is not None and seq_len == 1:
+        stepping = conv_state is not None and ssm_state is not None and seq_len == 1
+        # The fused CPU mixer: training and full forwards, and cache prefills when no gradient is wanted.
+        if mask is None and not stepping and (cache is None or not torch.is_grad_enabled()):
+            zxbcdt = self.in_proj(hidden_states)
+            if self._can_fuse_on_cpu(zxbcdt):
+                return self.out_proj(self._fused_cpu_forward(zxbcdt, cache).to(hidden_states.dtype))
+            z, xbc, dt = self._split_projection(zxbcdt, None)
+        else:
+            z, xbc, dt = self._project(hidden_states, mask)
+
+        if stepping:
             y = self._step(xbc[:, 0], dt[:, 0], conv_state, ssm_state)
             y = self.norm(y.reshape(batch, 1, -1), z)
             return self.out_proj(y.to(hidden_states.dtype))
@@ -978,6 +989,9 @@ class VLMambaTextModel(VLMambaPreTrainedModel):
             # real tokens (all a training loss reads) are the same without the mask, which costs three
             # multiplies per layer and their backward.
             attention_mask = None
+        if attention_mask is not None and seq_len > 1 and not torch.compiler.is_compiling():
+            if bool(attention_mask.all()):
+                attention_mask = None  # no padding at all (a single prompt): the mask changes nothing
         if self.gradient_checkpointing and self.training:
             use_cache = False
         if use_cache and cache is None:
