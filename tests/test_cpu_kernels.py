@@ -557,12 +557,14 @@ def _mamba2_mixer(seed=0):
     return mixer
 
 
-def _spy_on_fused_mixer(monkeypatch):
+def _spy_on_fused_mixer(monkeypatch, prefills_only=False):
+    """Record the sequence length of every call of the fused mixer (with prefills_only: of cache prefills)."""
     calls = []
     original = cpu_kernels.mamba2_mixer_cpu
 
     def spy(*args, **kwargs):
-        calls.append(args[0].shape)
+        if not prefills_only or kwargs.get("return_final_state"):
+            calls.append(args[0].shape[1])
         return original(*args, **kwargs)
 
     monkeypatch.setattr("vlm_mamba_hf.modeling_vlm_mamba.mamba2_mixer_cpu", spy)
@@ -625,14 +627,7 @@ def test_cache_prefill_takes_the_fused_path_and_leaves_the_same_logits_and_state
     torch.manual_seed(0)
     model = VLMambaForCausalLM(tiny_mamba2_config()).eval()
     ids = torch.randint(3, 90, (2, 30), generator=torch.Generator().manual_seed(2))
-    calls = []
-    original = cpu_kernels.mamba2_mixer_prefill_cpu
-
-    def spy(*args, **kwargs):
-        calls.append(args[0].shape[1])
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr("vlm_mamba_hf.modeling_vlm_mamba.mamba2_mixer_prefill_cpu", spy)
+    calls = _spy_on_fused_mixer(monkeypatch, prefills_only=True)
     logits, states = _prefill_in_two_chunks(model, ids)
     layers = len(model.backbone.layers)
     assert calls == [13] * layers + [17] * layers
@@ -643,7 +638,24 @@ def test_cache_prefill_takes_the_fused_path_and_leaves_the_same_logits_and_state
         torch.testing.assert_close(conv, ref_conv, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(ssm, ref_ssm, rtol=1e-5, atol=1e-5)
     monkeypatch.undo()
-    monkeypatch.setattr("vlm_mamba_hf.modeling_vlm_mamba.mamba2_mixer_prefill_cpu", spy)
-    calls.clear()
+    calls = _spy_on_fused_mixer(monkeypatch)
     model(ids, use_cache=True)  # gradients on: the unfused path, whose backward handles the cache's states
     assert calls == []
+    with pytest.raises(RuntimeError, match="no backward pass"):
+        mixer = model.backbone.layers[0].mixer
+        cpu_kernels.mamba2_mixer_cpu(
+            mixer.in_proj(torch.randn(1, 3, mixer.hidden_size)),
+            mixer.conv1d.weight.squeeze(1),
+            mixer.conv1d.bias,
+            mixer.dt_bias,
+            -torch.exp(mixer.A_log),
+            mixer.D,
+            mixer.norm.weight,
+            d_inner=mixer.intermediate_size,
+            groups=mixer.n_groups,
+            state=mixer.ssm_state_size,
+            head_dim=mixer.head_dim,
+            norm_group=mixer.norm.group_size,
+            eps=1e-5,
+            return_final_state=True,
+        )

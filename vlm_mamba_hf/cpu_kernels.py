@@ -561,15 +561,38 @@ def mamba2_mixer_cpu(
     head_dim: int,
     norm_group: int,
     eps: float,
-) -> torch.Tensor:
-    """A Mamba-2 mixer without cache or padding mask, from in_proj's output zxbcdt (b, l, d_inner + conv_dim +
-    heads) = [z, xBC, dt] to the gated norm's output (b, l, d_inner): causal conv + SiLU over xBC (conv_weight
-    (conv_dim, k)), dt = softplus(dt + dt_bias) with no clamp, the SSD scan with one A and D per head and no
-    initial state, and RMSNorm(y * SiLU(z)) per group of `norm_group` channels times norm_weight.
-    Differentiable; every tensor of one dtype, fp32 or fp64; needs the kernels (`kernels_available_for`)."""
+    conv_state: torch.Tensor | None = None,
+    ssm_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+):
+    """A Mamba-2 mixer without padding mask, from in_proj's output zxbcdt (b, l, d_inner + conv_dim + heads) =
+    [z, xBC, dt] to the gated norm's output (b, l, d_inner): causal conv + SiLU over xBC (conv_weight
+    (conv_dim, k)), dt = softplus(dt + dt_bias) with no clamp, the SSD scan with one A and D per head, and
+    RMSNorm(y * SiLU(z)) per group of `norm_group` channels times norm_weight. Every tensor of one dtype, fp32
+    or fp64; needs the kernels (`kernels_available_for`).
+
+    Without states it is differentiable (training). A prefill into a cache passes the cache's conv_state
+    (b, conv_dim, >= k - 1; its last k - 1 columns are the conv's left context) and ssm_state (b, heads,
+    head_dim, state), either None for zeros, and return_final_state=True for (out, final SSM state); that
+    path has no backward pass, so it runs only without gradients.
+    """
     inputs = _mixer_inputs(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight)
     sizes = (d_inner, groups, state, head_dim, norm_group)
-    return _Mamba2MixerCPUFn.apply(*inputs, sizes, float(eps))
+    if conv_state is None and ssm_state is None and not return_final_state:
+        return _Mamba2MixerCPUFn.apply(*inputs, sizes, float(eps))
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        raise RuntimeError(
+            "mamba2_mixer_cpu with cache states or a final state has no backward pass; run the prefill under "
+            "torch.no_grad(), or without states for training."
+        )
+    b, k, dtype = zxbcdt.shape[0], conv_weight.shape[1], zxbcdt.dtype
+    left = None
+    if conv_state is not None and k > 1:
+        left = conv_state[..., conv_state.shape[-1] - (k - 1) :].transpose(1, 2).to(dtype).contiguous()
+    h0 = None if ssm_state is None else ssm_state.to(dtype).contiguous()
+    final = zxbcdt.new_empty(b, d_inner // head_dim, head_dim, state)
+    out, _ = _mixer_forward(*inputs, sizes, float(eps), left=left, h0=h0, final=final)
+    return (out, final) if return_final_state else out
 
 
 def _mixer_inputs(zxbcdt, conv_weight, conv_bias, *params):
@@ -578,36 +601,3 @@ def _mixer_inputs(zxbcdt, conv_weight, conv_bias, *params):
     weight_kc = conv_weight.t().to(dtype).contiguous()
     bias = None if conv_bias is None else conv_bias.to(dtype).contiguous()
     return (zxbcdt.contiguous(), weight_kc, bias, *[t.to(dtype).contiguous() for t in params])
-
-
-@torch.no_grad()
-def mamba2_mixer_prefill_cpu(
-    zxbcdt: torch.Tensor,
-    conv_weight: torch.Tensor,
-    conv_bias: torch.Tensor | None,
-    dt_bias: torch.Tensor,
-    A: torch.Tensor,
-    D: torch.Tensor,
-    norm_weight: torch.Tensor,
-    conv_state: torch.Tensor | None,
-    ssm_state: torch.Tensor | None,
-    d_inner: int,
-    groups: int,
-    state: int,
-    head_dim: int,
-    norm_group: int,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`mamba2_mixer_cpu` for a prefill, without gradients: it continues from a cache's states, conv_state
-    (b, conv_dim, >= k - 1) (its last k - 1 columns are the conv's left context) and ssm_state (b, heads,
-    head_dim, state), either None for zeros, and also returns the final SSM state (in zxbcdt's dtype)."""
-    inputs = _mixer_inputs(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight)
-    b, k, dtype = zxbcdt.shape[0], conv_weight.shape[1], zxbcdt.dtype
-    left = None
-    if conv_state is not None and k > 1:
-        left = conv_state[..., conv_state.shape[-1] - (k - 1) :].transpose(1, 2).to(dtype).contiguous()
-    h0 = None if ssm_state is None else ssm_state.to(dtype).contiguous()
-    final = zxbcdt.new_empty(b, d_inner // head_dim, head_dim, state)
-    sizes = (d_inner, groups, state, head_dim, norm_group)
-    out, _ = _mixer_forward(*inputs, sizes, float(eps), left=left, h0=h0, final=final)
-    return out, final

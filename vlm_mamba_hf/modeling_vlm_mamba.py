@@ -27,7 +27,7 @@ from transformers.utils import ModelOutput
 
 from .cache_vlm_mamba import VLMambaStateCache
 from .configuration_vlm_mamba import VLMambaConfig, VLMambaVisionConfig, validate_mamba_text_config
-from .cpu_kernels import kernels_available_for, mamba2_mixer_cpu, mamba2_mixer_prefill_cpu, rms_norm_cpu
+from .cpu_kernels import kernels_available_for, mamba2_mixer_cpu, rms_norm_cpu
 from .fused_loss import fused_causal_lm_loss
 from .image_contrast import (
     ALPHA_KEY,
@@ -657,8 +657,11 @@ class VLMambaMamba2Mixer(_KeepSSMParametersFP32, nn.Module):
         )
         if cache is None:
             return mamba2_mixer_cpu(zxbcdt, *params, **sizes)
-        states = (cache.get_conv_state(self.layer_idx), cache.get_recurrent_state(self.layer_idx))
-        y, final_state = mamba2_mixer_prefill_cpu(zxbcdt, *params, *states, **sizes)
+        states = dict(
+            conv_state=cache.get_conv_state(self.layer_idx),
+            ssm_state=cache.get_recurrent_state(self.layer_idx),
+        )
+        y, final_state = mamba2_mixer_cpu(zxbcdt, *params, **sizes, **states, return_final_state=True)
         xbc = zxbcdt[..., self.intermediate_size : self.intermediate_size + self.conv_dim]
         cache.update_conv_state(xbc.transpose(1, 2), self.layer_idx, conv_kernel_size=self.conv_kernel_size)
         cache.update_recurrent_state(final_state, self.layer_idx)
