@@ -640,13 +640,8 @@ class VLMambaMamba2Mixer(_KeepSSMParametersFP32, nn.Module):
 
     def _fused_cpu_forward(self, zxbcdt: torch.Tensor, cache: Cache | None) -> torch.Tensor:
         """The fused mixer; with a cache (a prefill, no gradients), continuing from its states and filling it."""
-        params = (
-            self.conv1d.weight.squeeze(1),
-            self.conv1d.bias,
-            self.dt_bias,
-            -torch.exp(self.A_log.float()),
-        )
-        params += (self.D, self.norm.weight)
+        conv = (self.conv1d.weight.squeeze(1), self.conv1d.bias)
+        params = (*conv, self.dt_bias, -torch.exp(self.A_log.float()), self.D, self.norm.weight)
         sizes = dict(
             d_inner=self.intermediate_size,
             groups=self.n_groups,

@@ -16,7 +16,9 @@
 //
 // The forward pass keeps the state in a small per-task buffer and stores it every K steps (the checkpoints);
 // the backward pass walks the segments from the last, recomputes the K states of a segment from its
-// checkpoint, then steps back through them carrying G = dL/dS_t. One (batch, head) pair per task.
+// checkpoint, then steps back through them carrying G = dL/dS_t. The forward pass runs one (batch, head) pair
+// per task; the backward pass one (batch, group) pair, all of the group's heads, when there are enough of them
+// for the threads (see `backward`), else one (batch, head) pair.
 //
 // The selective scan (Mamba-1), one (batch, channel) pair per task, state (n,):
 //
