@@ -310,6 +310,12 @@ class _CausalConvCPUFn(torch.autograd.Function):
         return grad_x, grad_w, grad_bias, grad_left, None
 
 
+def conv_left_context(conv_state: torch.Tensor, k: int) -> torch.Tensor:
+    """A conv cache (b, channels, >= k - 1), as the recurrent cache stores it, as the k - 1 rows of left
+    context (b, k - 1, channels) that a causal conv over (b, l, channels) rows reads before its first step."""
+    return conv_state[..., conv_state.shape[-1] - (k - 1) :].transpose(1, 2)
+
+
 def causal_conv1d_rows_cpu(x, weight, bias, left, silu: bool):
     """x (b, l, c) fp32/fp64, weight (c, k), bias (c,) or None, left (b, k - 1, c) -> (b, l, c). Differentiable."""
     dtype = x.dtype
@@ -586,9 +592,7 @@ def mamba2_mixer_cpu(
             "torch.no_grad(), or without states for training."
         )
     b, k, dtype = zxbcdt.shape[0], conv_weight.shape[1], zxbcdt.dtype
-    left = None
-    if conv_state is not None and k > 1:
-        left = conv_state[..., conv_state.shape[-1] - (k - 1) :].transpose(1, 2).to(dtype).contiguous()
+    left = None if conv_state is None else conv_left_context(conv_state, k).to(dtype).contiguous()
     h0 = None if ssm_state is None else ssm_state.to(dtype).contiguous()
     final = zxbcdt.new_empty(b, d_inner // head_dim, head_dim, state)
     out, _ = _mixer_forward(*inputs, sizes, float(eps), left=left, h0=h0, final=final)

@@ -37,7 +37,7 @@ from .image_contrast import (
     check_contrast_settings,
     median_colour,
 )
-from .ops_ssd import causal_conv1d_rows, ssd_scan, ssd_state_update
+from .ops_ssd import DEFAULT_DT_LIMIT, causal_conv1d_rows, ssd_scan, ssd_state_update
 from .ssm_ops import (
     causal_conv1d,
     causal_conv1d_update,
@@ -633,7 +633,7 @@ class VLMambaMamba2Mixer(_KeepSSMParametersFP32, nn.Module):
         own classes with no hook (the function reads their weights; the projections stay module calls)."""
         if zxbcdt.dtype not in (torch.float32, torch.float64) or self.activation not in ("silu", "swish"):
             return False
-        if tuple(self.time_step_limit) != (0.0, float("inf")):
+        if tuple(self.time_step_limit) != DEFAULT_DT_LIMIT:
             return False
         plain = _is_plain(self.conv1d, nn.Conv1d) and _is_plain(self.norm, VLMambaGatedRMSNorm)
         return plain and kernels_available_for(zxbcdt)

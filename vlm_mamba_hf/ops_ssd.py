@@ -25,7 +25,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .cpu_kernels import causal_conv1d_rows_cpu, kernels_available_for, load_library, ssd_scan_cpu
+from .cpu_kernels import (
+    causal_conv1d_rows_cpu,
+    conv_left_context,
+    kernels_available_for,
+    load_library,
+    ssd_scan_cpu,
+)
 from .ssm_ops import _activate, _cuda_kernel, _cuda_step_kernel, causal_conv1d
 
 DEFAULT_DT_LIMIT = (0.0, float("inf"))
@@ -558,7 +564,7 @@ def causal_conv1d_rows(
     if initial_state is None:
         left = x.new_zeros(b, k - 1, c)
     else:
-        left = initial_state[..., initial_state.shape[-1] - (k - 1) :].transpose(1, 2)
+        left = conv_left_context(initial_state, k)
     fused_activation = activation in (None, "silu", "swish")
     if fused_activation and x.dtype in (torch.float32, torch.float64) and kernels_available_for(x):
         return causal_conv1d_rows_cpu(x, weight, bias, left, activation is not None)
