@@ -467,22 +467,30 @@ def test_data_flags_reach_the_recipe_and_their_absence_keeps_its_values():
     assert _recipe_from_args(flag).easy_vqa_exclude_heldout is True
 
 
-def test_foreground_channel_reaches_the_saved_model_and_its_card_and_the_flags_switch_it(processor, tmp_path):
+@pytest.mark.parametrize("factored", [False, True])
+def test_foreground_channel_reaches_the_saved_model_and_its_card_and_the_flags_switch_it(
+    processor, tmp_path, factored
+):
     from vlm_mamba_hf.training.train import main
 
     assert get_recipe("default").foreground_channel is True and get_recipe("tiny").foreground_channel is False
     off = _recipe_from_args(build_parser().parse_args(["--no-foreground-channel"]))
     assert off.foreground_channel is False
     assert build_model_config(off, processor.tokenizer).vision_config.foreground_channel is False
+    flags = ["--factored-patches"] if factored else []
     main(
-        ["--recipe", "tiny", "--foreground-channel", "--max-steps", "1", "--easy-vqa-limit", "40",
+        ["--recipe", "tiny", "--foreground-channel", *flags, "--max-steps", "1", "--easy-vqa-limit", "40",
          "--shapes-train-scenes", "8", "--output-dir", str(tmp_path), "--no-eval", "--no-progress"]
     )  # fmt: skip
     saved = json.loads((tmp_path / "final" / "config.json").read_text())
     assert saved["vision_config"]["foreground_channel"] is True
+    assert saved["vision_config"]["factored_patches"] is factored
     reloaded = VLMambaForConditionalGeneration.from_pretrained(tmp_path / "final")
-    assert reloaded.model.vision_tower.patch_embed.proj.in_features == 4 * 8 * 8  # tiny: 8 px patches
-    assert "foreground channel" in (tmp_path / "final" / "README.md").read_text()
+    embed = reloaded.model.vision_tower.patch_embed
+    assert embed.proj.in_features == (1 if factored else 4) * 8 * 8  # tiny: 8 px patches
+    card = (tmp_path / "final" / "README.md").read_text()
+    assert "foreground channel" in card
+    assert ("shape and colour apart" in card) is factored
 
 
 def test_focus_stage_trains_the_model_in_place_and_zero_steps_leave_it(recipe, processor, tmp_path):

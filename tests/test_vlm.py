@@ -28,7 +28,7 @@ from vlm_mamba_hf import (
     VLMambaVisionModel,
 )
 from vlm_mamba_hf.image_contrast import contrast_pixel_values, median_colour
-from vlm_mamba_hf.modeling_vlm_mamba import foreground_map
+from vlm_mamba_hf.modeling_vlm_mamba import foreground_colour, foreground_map
 from vlm_mamba_hf.tokenizer_utils import build_tokenizer
 
 LOGITS_ATOL_FP32 = 1e-4
@@ -625,25 +625,145 @@ def test_foreground_channel_is_one_more_input_channel_of_the_patch_embedding(mod
         tower(with4)  # the tower computes the channel itself: callers pass RGB pixels
 
 
-def test_foreground_channel_model_saves_loads_and_generates_like_recompute(tokenizer, tmp_path):
+@pytest.mark.parametrize("factored", [False, True])
+def test_foreground_channel_model_saves_loads_and_generates_like_recompute(tokenizer, tmp_path, factored):
     torch.manual_seed(0)
-    vision = tiny_vision_config(foreground_channel=True)
+    vision = tiny_vision_config(foreground_channel=True, factored_patches=factored)
     model = make_lively(VLMambaForConditionalGeneration(tiny_vlm_config(tokenizer, vision_config=vision)))
     processor = tiny_processor(tokenizer, model.config.num_image_tokens)
     inputs = _inputs(processor, ["<image>what color is the shape"], [_plain_scene((30, 70, 220))])
     cached = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     assert torch.equal(cached, model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False))
     model.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["vision_config"]["foreground_channel"] is True
+    saved = json.loads((tmp_path / "config.json").read_text())["vision_config"]
+    assert saved["foreground_channel"] is True and saved["factored_patches"] is factored
     reloaded = VLMambaForConditionalGeneration.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits)
         # The channel reaches the output: with its weights zeroed the model sees a different image.
         clone = copy.deepcopy(model)
         weight = clone.model.vision_tower.patch_embed.proj.weight
-        channel_weights = weight[:, 3] if weight.dim() == 4 else weight.view(weight.shape[0], -1, 4)[:, :, 3]
+        if factored:  # the whole projection sees the channel; the colour part still sees the object
+            weight.zero_()
+            assert not torch.allclose(clone(**inputs).logits, model(**inputs).logits, atol=1e-4)
+            clone = copy.deepcopy(model)
+            weight = clone.model.vision_tower.patch_embed.colour_proj.weight
+            channel_weights = weight
+        else:
+            channel_weights = (
+                weight[:, 3] if weight.dim() == 4 else weight.view(weight.shape[0], -1, 4)[:, :, 3]
+            )
         channel_weights.zero_()
         assert not torch.allclose(clone(**inputs).logits, model(**inputs).logits, atol=1e-4)
+
+
+def _reference_foreground_colour(
+    pixels: np.ndarray, foreground: np.ndarray, p: int, stride: int
+) -> np.ndarray:
+    """Patch by patch: the mean colour of its pixels weighted by (map + 1) / 2, over the weights' mean + 1e-3."""
+    channels, height, width = pixels.shape
+    side_y, side_x = (height - p) // stride + 1, (width - p) // stride + 1
+    out = []
+    for row in range(side_y):
+        for col in range(side_x):
+            window = (slice(row * stride, row * stride + p), slice(col * stride, col * stride + p))
+            weight = (foreground[window] + 1) / 2
+            total = [(pixels[c][window] * weight).mean() for c in range(channels)]
+            out.append(np.array(total) / (weight.mean() + 1e-3))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("stride", [8, 4])
+def test_foreground_colour_is_the_mean_colour_of_each_patch_foreground(stride):
+    image_processor = VLMambaImageProcessor(size={"height": 32, "width": 32})
+    scenes = [_plain_scene((220, 30, 30)), _plain_scene((30, 70, 220), background=(0, 0, 0))]
+    pixels = image_processor(scenes, return_tensors="pt")["pixel_values"]
+    maps = foreground_map(pixels)
+    colours = foreground_colour(pixels, maps, 8, stride)
+    side = (32 - 8) // stride + 1
+    assert colours.shape == (2, side * side, 3)
+    for index in range(2):
+        expected = _reference_foreground_colour(
+            pixels[index].double().numpy(), maps[index, 0].double().numpy(), 8, stride
+        )
+        np.testing.assert_allclose(colours[index].numpy(), expected, atol=1e-5)
+    # A patch inside the object reads the object's colour, not the background's; an empty patch reads 0.
+    # A patch within the circle (rows 8-15 or 12-19, columns 8-15).
+    inside = (12 // stride) * side + 8 // stride
+    normalized_red = torch.tensor([220, 30, 30]) / 127.5 - 1
+    assert torch.allclose(colours[0, inside], normalized_red, atol=0.1)
+    assert torch.all(colours[:, -1] == 0)  # the bottom-right patch has no object
+
+
+@pytest.mark.parametrize("mode", ["fuyu", "encoder"])
+def test_factored_patches_sum_a_foreground_map_projection_and_a_colour_projection(mode):
+    torch.manual_seed(0)
+    config = tiny_vision_config(
+        foreground_channel=True, factored_patches=True, num_hidden_layers=0, use_cls_token=False, mode=mode
+    )
+    tower = VLMambaVisionModel(config).eval()
+    embed = tower.patch_embed
+    assert embed.proj.weight.flatten(1).shape[1] == 8 * 8 and embed.colour_proj.in_features == 3
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    maps = foreground_map(pixels)
+    # Reference for patch 4 (row 1, column 0), from the definition.
+    window = maps[:, :, 8:16, 0:8].reshape(2, -1)
+    weight = (maps[:, :, 8:16, 0:8] + 1) / 2
+    colour = (pixels[:, :, 8:16, 0:8] * weight).mean(dim=(2, 3)) / (weight.mean(dim=(2, 3)) + 1e-3)
+    expected = (
+        window @ embed.proj.weight.flatten(1).t()
+        + embed.proj.bias
+        + colour @ embed.colour_proj.weight.t()
+        + embed.colour_proj.bias
+        + tower.pos_embed[0, 4]
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(tower(pixels).last_hidden_state[:, 4], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_factored_patches_give_an_unseen_colour_shape_pair_the_sum_of_its_seen_parts():
+    """What the factoring is for: feature(red square) = feature(red circle) - feature(blue circle) + feature(blue
+    square) in every patch that both shapes reach, so a pair never seen together is made of parts each seen with
+    other partners. A joint projection sees colour times coverage: where the two shapes cover a patch
+    differently, the colour's part differs between them, and the sum is off."""
+
+    def scene(shape: str, colour: tuple[int, int, int]) -> Image.Image:
+        image = Image.new("RGB", (32, 32), (255, 255, 255))
+        draw = ImageDraw.Draw(image)
+        (draw.ellipse if shape == "circle" else draw.rectangle)((4, 6, 20, 22), fill=colour)
+        return image
+
+    red, blue = (220, 30, 30), (30, 70, 220)
+    images = [scene("square", red), scene("circle", red), scene("circle", blue), scene("square", blue)]
+    pixels = VLMambaImageProcessor(size={"height": 32, "width": 32})(images, return_tensors="pt")[
+        "pixel_values"
+    ]
+    coverage = (foreground_map(pixels) > 0).float().reshape(4, 4, 8, 4, 8).mean(dim=(2, 4)).flatten(1)
+    shared = (coverage[0] >= 0.25) & (coverage[1] >= 0.25)  # patches both shapes reach (square 0, circle 1)
+    assert shared.sum() >= 4 and not torch.equal(coverage[0][shared], coverage[1][shared])
+    gaps = {}
+    for factored in (True, False):
+        torch.manual_seed(0)
+        config = tiny_vision_config(
+            foreground_channel=True,
+            factored_patches=factored,
+            num_hidden_layers=0,
+            use_cls_token=False,
+            mode="fuyu",
+        )
+        with torch.no_grad():
+            features = VLMambaVisionModel(config).eval()(pixels).last_hidden_state[:, shared]
+        composed = features[1] - features[2] + features[3]
+        gaps[factored] = ((features[0] - composed).norm(dim=-1) / features[0].norm(dim=-1)).max().item()
+    assert gaps[True] < 1e-2, gaps
+    assert gaps[False] > 5e-2, gaps
+
+
+def test_factored_patches_need_the_foreground_channel_and_a_bool():
+    with pytest.raises(Exception, match="factored_patches=True needs foreground_channel=True"):
+        tiny_vision_config(factored_patches=True)
+    with pytest.raises(Exception, match="factored_patches must be True or False"):
+        tiny_vision_config(foreground_channel=True, factored_patches=1)
 
 
 def test_foreground_channel_must_be_a_bool():

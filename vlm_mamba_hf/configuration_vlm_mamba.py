@@ -120,6 +120,12 @@ class VLMambaVisionConfig(PreTrainedConfig):
             how far each pixel's colour is from the image's median colour (its background, on plain-background
             images), squashed to [-1, 1]. It is the same for an object of any colour, a colour-invariant cue
             for shape (`foreground_map`). Off by default; pixel_values keep `num_channels` channels either way.
+        factored_patches (`bool`): with `foreground_channel`, embed each patch as the sum of two separate
+            projections instead of one over all its channels: one of the patch's foreground map alone (where the
+            objects are: shape, whatever their colour) and one of the mean colour of its foreground pixels
+            (colour, whatever the shape). A joint projection sees colour times mask, so an object whose colour
+            and shape never appeared together gives it a feature it has never seen; the sum of two familiar
+            parts is one it has (`VLMambaPatchEmbed`). Off by default.
         hidden_size (`int`): width Dv of the patch features.
         num_hidden_layers (`int`): bidirectional Mamba blocks in encoder mode.
         state_size, expand, conv_kernel, time_step_rank, use_bias, use_conv_bias, hidden_act, time_step_*:
@@ -146,6 +152,7 @@ class VLMambaVisionConfig(PreTrainedConfig):
     patch_stride: int | None = None
     num_channels: int = 3
     foreground_channel: bool = False
+    factored_patches: bool = False
     hidden_size: int = 192
     num_hidden_layers: int = 24
     state_size: int = 16
@@ -223,6 +230,13 @@ class VLMambaVisionConfig(PreTrainedConfig):
         )
         if not isinstance(self.foreground_channel, bool):
             raise ValueError(f"foreground_channel must be True or False, got {self.foreground_channel!r}.")
+        if not isinstance(self.factored_patches, bool):
+            raise ValueError(f"factored_patches must be True or False, got {self.factored_patches!r}.")
+        if self.factored_patches and not self.foreground_channel:
+            raise ValueError(
+                "factored_patches=True needs foreground_channel=True: the factored patch embedding reads shape "
+                "from the foreground map and colour from the foreground pixels. Set both, or neither."
+            )
         if not isinstance(self.num_hidden_layers, int) or self.num_hidden_layers < 0:
             raise ValueError(f"num_hidden_layers must be >= 0, got {self.num_hidden_layers!r}.")
         if self.patch_stride is not None:

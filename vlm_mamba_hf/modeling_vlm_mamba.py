@@ -1153,18 +1153,44 @@ def foreground_map(pixel_values: torch.Tensor) -> torch.Tensor:
     return distance.mul_(FOREGROUND_GAIN).tanh_().mul_(2).sub_(1)
 
 
+# Keeps `foreground_colour` finite in patches with no foreground at all (there it is 0).
+FOREGROUND_COLOUR_EPS = 1e-3
+
+
+def foreground_colour(
+    pixel_values: torch.Tensor, foreground: torch.Tensor, patch_size: int, stride: int
+) -> torch.Tensor:
+    """(b, c, H, W) pixels and their (b, 1, H, W) `foreground_map` -> (b, rows * cols, c): the mean colour of each
+    patch's foreground pixels, each pixel weighted by how foreground it is ((map + 1) / 2, in [0, 1]); about 0 in
+    a patch of background only. Patches in row-major order, as `VLMambaPatchEmbed` lays them out."""
+    weight = foreground.add(1).mul_(0.5)
+    total = F.avg_pool2d(pixel_values * weight, patch_size, stride)
+    mass = F.avg_pool2d(weight, patch_size, stride)
+    return (total / (mass + FOREGROUND_COLOUR_EPS)).flatten(2).transpose(1, 2)
+
+
 class VLMambaPatchEmbed(nn.Module):
     """Patches -> features: Conv2d in encoder mode (overlapping when `patch_stride` < `patch_size`), Linear over
     flattened non-overlapping patches in fuyu mode. With `foreground_channel`, `foreground_map` is appended to
-    the pixels as one more input channel."""
+    the pixels as one more input channel.
+
+    With `factored_patches`, `proj` sees the foreground map alone (one channel) and `colour_proj` the mean colour
+    of each patch's foreground (`foreground_colour`); a patch's feature is the sum of the two. Each part is then
+    the same for a shape in any colour, or a colour on any shape, as in training."""
 
     def __init__(self, config: VLMambaVisionConfig, mode: str):
         super().__init__()
         self.mode = mode
         self.patch_size = config.patch_size
+        self.stride = config.stride
         self.num_channels = config.num_channels
         self.foreground_channel = config.foreground_channel
-        in_channels = config.num_channels + int(config.foreground_channel)
+        self.factored = config.factored_patches
+        if self.factored:
+            in_channels = 1
+            self.colour_proj = nn.Linear(config.num_channels, config.hidden_size)
+        else:
+            in_channels = config.num_channels + int(config.foreground_channel)
         p = config.patch_size
         if mode == "encoder":
             self.proj = nn.Conv2d(in_channels, config.hidden_size, kernel_size=p, stride=config.stride)
@@ -1174,17 +1200,27 @@ class VLMambaPatchEmbed(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """pixel_values (b, c, H, W) -> patches (b, rows * cols, Dv) in row-major order, and the grid (rows, cols)."""
-        if self.foreground_channel:
+        colour = None
+        if self.factored:
+            foreground = foreground_map(pixel_values)
+            colour = self.colour_proj(
+                foreground_colour(pixel_values, foreground, self.patch_size, self.stride)
+            )
+            pixel_values = foreground
+        elif self.foreground_channel:
             pixel_values = torch.cat([pixel_values, foreground_map(pixel_values)], dim=1)
         b, c, height, width = pixel_values.shape
         p = self.patch_size
         if self.mode == "encoder":
             features = self.proj(pixel_values)
-            return features.flatten(2).transpose(1, 2), (features.shape[2], features.shape[3])
-        grid = (height // p, width // p)
-        # Fuyu order: each patch flattened as (row, column, channel).
-        patches = pixel_values.reshape(b, c, grid[0], p, grid[1], p).permute(0, 2, 4, 3, 5, 1)
-        return self.proj(patches.reshape(b, grid[0] * grid[1], p * p * c)), grid
+            grid = (features.shape[2], features.shape[3])
+            features = features.flatten(2).transpose(1, 2)
+        else:
+            grid = (height // p, width // p)
+            # Fuyu order: each patch flattened as (row, column, channel).
+            patches = pixel_values.reshape(b, c, grid[0], p, grid[1], p).permute(0, 2, 4, 3, 5, 1)
+            features = self.proj(patches.reshape(b, grid[0] * grid[1], p * p * c))
+        return (features if colour is None else features + colour), grid
 
 
 class VLMambaVisionModel(VLMambaPreTrainedModel):

@@ -273,6 +273,8 @@ class Recipe:
     projector_layernorm: bool = True
     # The vision tower's colour-invariant input channel (`VLMambaVisionConfig.foreground_channel`; recipe notes).
     foreground_channel: bool = True
+    # Shape and colour through separate projections of the patch (`VLMambaVisionConfig.factored_patches`).
+    factored_patches: bool = False
     # Data (shape scenes are drawn at scene_size px, like the 64 px easy-VQA images)
     scene_size: int = 64
     easy_vqa_limit: int | None = None
@@ -354,6 +356,7 @@ RECIPES: dict[str, Recipe] = {
         # At width 32 no SigLIP size comes within 10% of a 4-channel patch embedding, so bench_quality's
         # equal-size LLaVA needs the plain RGB one here.
         foreground_channel=False,
+        factored_patches=False,
         focus_steps=0,
         batch_size=8,
         max_steps=10,
@@ -604,6 +607,7 @@ def build_model_config(recipe: Recipe, tokenizer) -> VLMambaConfig:
         patch_size=recipe.patch_size,
         patch_stride=recipe.patch_stride,
         foreground_channel=recipe.foreground_channel,
+        factored_patches=recipe.factored_patches,
         hidden_size=recipe.vision_hidden_size,
         num_hidden_layers=recipe.vision_layers,
         state_size=recipe.state_size,

@@ -431,6 +431,11 @@ def model_card_sections(summary: dict[str, Any]) -> dict[str, str]:
             " The patch embedding also sees a foreground channel computed from the pixels (each pixel's colour "
             "distance from the image's median colour; `VLMambaVisionConfig.foreground_channel`)."
         )
+    if recipe.get("factored_patches"):
+        data += (
+            " Each patch is embedded as a projection of its foreground map plus a projection of the mean colour "
+            "of its foreground pixels, shape and colour apart (`VLMambaVisionConfig.factored_patches`)."
+        )
     data += (
         f" The byte-level BPE tokenizer ({summary.get('vocab_size', recipe['vocab_size'])} tokens) is trained on "
         "the recipe's text."
@@ -565,6 +570,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--foreground-channel",
         "give the patch embedding a colour-invariant channel: each pixel's distance from the image's median colour",
     )
+    _switch(
+        parser,
+        "--factored-patches",
+        "with the foreground channel: embed each patch as a projection of its foreground map plus one of its "
+        "foreground's mean colour (VLMambaVisionConfig.factored_patches)",
+    )
     parser.add_argument("--state-size", type=int, default=None)
     parser.add_argument("--ssm-layer", choices=("mamba1", "mamba2"), default=None)
     parser.add_argument("--head-dim", type=int, default=None)
@@ -634,6 +645,8 @@ def _recipe_from_args(args: argparse.Namespace) -> Recipe:
     }
     if overrides["easy_vqa_answer_types"]:
         overrides["easy_vqa_answer_types"] = tuple(overrides["easy_vqa_answer_types"])
+    if overrides["foreground_channel"] is False and overrides["factored_patches"] is None:
+        overrides["factored_patches"] = False  # factored patches are built from the channel: both go
     return get_recipe(args.recipe, **overrides)
 
 
