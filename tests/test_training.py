@@ -454,6 +454,22 @@ def test_focus_stage_data_and_recipe(recipe):
     with pytest.raises(ValueError, match="focus_steps must be >= 0"):
         focus_recipe(recipe.replace(focus_steps=-1))
     assert _recipe_from_args(build_parser().parse_args(["--focus-steps", "0"])).focus_steps == 0
+    # With focus_scenes, the any-colour and any-shape scenes' examples join, one question per chat.
+    assert get_recipe("default").focus_scenes is False
+    assert _recipe_from_args(build_parser().parse_args(["--focus-scenes"])).focus_scenes is True
+    with_scenes = build_focus_dataset(focused.replace(focus_scenes=True)).examples
+    scene_examples = any_colour_examples(stage) + any_shape_examples(stage)
+    assert len(with_scenes) == len(chats) + len(scene_examples)
+
+    def answers(examples):
+        return sorted(
+            _answers([e for e in examples if "messages" in e])
+            + [e["answer"] for e in examples if "answer" in e]
+        )
+
+    assert answers(with_scenes) == answers(list(chats) + scene_examples)
+    assert {"Describe the shapes.", "Describe the colours."} <= {e.get("prompt") for e in with_scenes}
+    assert all(len(example["messages"]) == 2 for example in with_scenes if "messages" in example)
 
 
 def test_data_flags_reach_the_recipe_and_their_absence_keeps_its_values():

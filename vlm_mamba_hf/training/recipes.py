@@ -309,6 +309,10 @@ class Recipe:
     focus_answer_types: tuple[str, ...] = ("shape",)
     focus_turns: int = 1
     focus_learning_rate: float = 3e-3
+    # The focus stage also trains the any-colour and any-shape scenes' examples (their descriptions and
+    # questions, `focus_turns` turns), so that shape and colour at a position are read from the image before
+    # any caption pairs the two words. Off by default (recipe notes).
+    focus_scenes: bool = False
     # Optimisation
     batch_size: int = 32
     grad_accum: int = 1
@@ -507,8 +511,14 @@ def focus_recipe(recipe: Recipe) -> Recipe:
 
 
 def build_focus_dataset(recipe: Recipe) -> ExampleList:
-    """The focus stage's examples: easy-VQA chats of the recipe's focus question types only."""
-    return ExampleList(easy_vqa_chats(focus_recipe(recipe)))
+    """The focus stage's examples: easy-VQA chats of the recipe's focus question types, and with
+    `recipe.focus_scenes` the any-colour and any-shape scenes' examples too (shuffled with the seed)."""
+    stage = focus_recipe(recipe)
+    examples = easy_vqa_chats(stage)
+    if recipe.focus_scenes:
+        examples += any_colour_examples(stage) + any_shape_examples(stage)
+        random.Random(f"focus/{recipe.seed}").shuffle(examples)
+    return ExampleList(examples)
 
 
 def build_train_dataset(recipe: Recipe) -> ExampleList:

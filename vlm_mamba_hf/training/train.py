@@ -286,6 +286,7 @@ def run_focus_stage(
         "train_loss": output.training_loss,
         "examples": len(dataset),
         "answer_types": list(recipe.focus_answer_types),
+        "scenes": recipe.focus_scenes,
     }
 
 
@@ -370,8 +371,13 @@ def model_card_sections(summary: dict[str, Any]) -> dict[str, str]:
     if focus.get("steps"):
         focus_text = (
             f"First a focus stage of {focus['steps']} steps ({focus['seconds'] / 60:.1f} min, lr "
-            f"{recipe['focus_learning_rate']}) on the easy-VQA {'/'.join(focus['answer_types'])} questions alone, "
-            f"one question per chat; then the mixture below. "
+            f"{recipe['focus_learning_rate']}) on the easy-VQA {'/'.join(focus['answer_types'])} questions"
+            + (
+                " and the any-colour and any-shape scenes' descriptions and questions"
+                if focus.get("scenes")
+                else " alone"
+            )
+            + ", one question per chat; then the mixture below. "
         )
     vision_lr = ""
     if recipe.get("vision_lr_scale", 1.0) != 1.0:
@@ -616,6 +622,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="steps on easy-VQA questions of the recipe's focus types (shape) alone before the mixture, "
         "within the time budget (default recipe: 500; 0: no focus stage)",
+    )
+    _switch(
+        parser,
+        "--focus-scenes",
+        "the focus stage also trains the any-colour and any-shape scenes' descriptions and questions",
     )
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU: only with native bf16)")
