@@ -294,6 +294,21 @@ def _row(name: str, run: dict[str, Any]) -> str:
     )
 
 
+# Recipe fields added after some stored runs, with the value that gives those runs' behaviour (for
+# --reuse-llava: a stored recipe without the field ran as if it had this value).
+RECIPE_FIELDS_ADDED: dict[str, Any] = {"factored_patches": False, "focus_scenes": False}
+
+
+def recipe_differences(earlier: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The recipe fields (as stored in JSON) in which an earlier run differs from the current recipe; a field
+    missing from the earlier run counts as its `RECIPE_FIELDS_ADDED` value, or as a difference if it has none."""
+    earlier = {**RECIPE_FIELDS_ADDED, **earlier}
+    missing = object()
+    return sorted(
+        k for k in set(earlier) | set(current) if earlier.get(k, missing) != current.get(k, missing)
+    )
+
+
 # The throughput alternation's VLMamba without `foreground_channel`, when the recipe has it.
 NO_FOREGROUND = "vlmamba_without_foreground_channel"
 # The VLMamba variants the alternation may time besides the default model, as the table names them.
@@ -400,12 +415,8 @@ def main() -> None:
     runs["vlmamba"]["parameters"] = parts
     if args.reuse_llava:
         earlier = json.loads(Path(args.reuse_llava).read_text())
-        if earlier["recipe"] != recipe_as_stored:
-            differing = sorted(
-                k
-                for k in set(earlier["recipe"]) | set(recipe_as_stored)
-                if earlier["recipe"].get(k) != recipe_as_stored.get(k)
-            )
+        differing = recipe_differences(earlier["recipe"], recipe_as_stored)
+        if differing:
             raise SystemExit(
                 f"--reuse-llava: {args.reuse_llava} was run with another recipe (fields differing: {differing})."
             )

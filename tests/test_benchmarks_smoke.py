@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from vlm_mamba_hf import cpu_kernels
+from vlm_mamba_hf.training.recipes import get_recipe
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Each script's smoke flags; bench_gpu's --smoke runs its GPU cases with tiny models on CPU (no mamba_ssm).
@@ -124,3 +125,20 @@ def test_quick_quality_run_trains_both_models_and_writes_the_table(quick_runs):
     if cpu_kernels.load_library() is not None:
         assert data["throughput"]["vlmamba_pytorch_path"]["examples_per_second"] > 0
         assert "pure-PyTorch path" in data["table"]
+
+
+def test_reusing_a_llava_run_needs_the_same_recipe_and_fields_added_since_count_as_their_old_value():
+    from benchmarks.bench_quality import RECIPE_FIELDS_ADDED, recipe_differences
+
+    current = json.loads(json.dumps(get_recipe("default").to_dict()))
+    assert recipe_differences(dict(current), current) == []
+    older = {k: v for k, v in current.items() if k != "focus_scenes"}  # stored before the field existed
+    assert current["focus_scenes"] == RECIPE_FIELDS_ADDED["focus_scenes"]
+    assert recipe_differences(older, current) == []
+    assert recipe_differences(older, {**current, "focus_scenes": True}) == ["focus_scenes"]
+    # Before factored patches existed, runs had the joint projection: not the default recipe's.
+    before = {k: v for k, v in current.items() if k != "factored_patches"}
+    assert recipe_differences(before, current) == ["factored_patches"]
+    # Any other missing field is a difference; so is any changed value.
+    assert recipe_differences({k: v for k, v in current.items() if k != "seed"}, current) == ["seed"]
+    assert recipe_differences({**current, "learning_rate": 1.0}, current) == ["learning_rate"]
