@@ -638,8 +638,15 @@ class VLMambaMamba2Mixer(_KeepSSMParametersFP32, nn.Module):
         plain = _is_plain(self.conv1d, nn.Conv1d) and _is_plain(self.norm, VLMambaGatedRMSNorm)
         return plain and kernels_available_for(zxbcdt)
 
-    def _fused_cpu_forward(self, zxbcdt: torch.Tensor, cache: Cache | None) -> torch.Tensor:
-        """The fused mixer; with a cache (a prefill, no gradients), continuing from its states and filling it."""
+    def _fused_cpu_forward(
+        self,
+        zxbcdt: torch.Tensor,
+        cache: Cache | None,
+        conv_state: torch.Tensor | None = None,
+        ssm_state: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The fused mixer; with a cache (a prefill, no gradients), continuing from its states (the cache's
+        conv_state and ssm_state for this layer, None for zeros) and filling it."""
         conv = (self.conv1d.weight.squeeze(1), self.conv1d.bias)
         params = (*conv, self.dt_bias, -torch.exp(self.A_log.float()), self.D, self.norm.weight)
         sizes = dict(
@@ -652,10 +659,7 @@ class VLMambaMamba2Mixer(_KeepSSMParametersFP32, nn.Module):
         )
         if cache is None:
             return mamba2_mixer_cpu(zxbcdt, *params, **sizes)
-        states = dict(
-            conv_state=cache.get_conv_state(self.layer_idx),
-            ssm_state=cache.get_recurrent_state(self.layer_idx),
-        )
+        states = dict(conv_state=conv_state, ssm_state=ssm_state)
         y, final_state = mamba2_mixer_cpu(zxbcdt, *params, **sizes, **states, return_final_state=True)
         xbc = zxbcdt[..., self.intermediate_size : self.intermediate_size + self.conv_dim]
         cache.update_conv_state(xbc.transpose(1, 2), self.layer_idx, conv_kernel_size=self.conv_kernel_size)
@@ -682,7 +686,8 @@ class VLMambaMamba2Mixer(_KeepSSMParametersFP32, nn.Module):
         if mask is None and not stepping and (cache is None or not torch.is_grad_enabled()):
             zxbcdt = self.in_proj(hidden_states)
             if self._can_fuse_on_cpu(zxbcdt):
-                return self.out_proj(self._fused_cpu_forward(zxbcdt, cache).to(hidden_states.dtype))
+                y = self._fused_cpu_forward(zxbcdt, cache, conv_state, ssm_state)
+                return self.out_proj(y.to(hidden_states.dtype))
             z, xbc, dt = self._split_projection(zxbcdt, None)
         else:
             z, xbc, dt = self._project(hidden_states, mask)
