@@ -382,7 +382,7 @@ def main() -> None:
     timed = {"vlmamba": vlmamba, "llava": llava}
     if recipe.foreground_channel:  # what the channel costs, in the same alternation
         set_seed(recipe.seed)
-        plain = recipe.replace(foreground_channel=False, factored_patches=False)
+        plain = recipe.replace(foreground_channel=False)
         timed[NO_FOREGROUND] = VLMambaForConditionalGeneration(build_model_config(plain, tokenizer))
         processors[NO_FOREGROUND] = processor
     throughput = side_by_side_throughput(timed, processors, recipe, dataset, args.throughput_steps)

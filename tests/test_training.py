@@ -493,6 +493,10 @@ def test_foreground_channel_reaches_the_saved_model_and_its_card_and_the_flags_s
     off = _recipe_from_args(build_parser().parse_args(["--no-foreground-channel"]))
     assert off.foreground_channel is False
     assert build_model_config(off, processor.tokenizer).vision_config.foreground_channel is False
+    assert off.factored_patches is False  # built from the channel, they go with it
+    both = _recipe_from_args(build_parser().parse_args(["--no-foreground-channel", "--factored-patches"]))
+    with pytest.raises(Exception, match="factored_patches=True needs foreground_channel=True"):
+        build_model_config(both, processor.tokenizer)
     flags = ["--factored-patches"] if factored else []
     main(
         ["--recipe", "tiny", "--foreground-channel", *flags, "--max-steps", "1", "--easy-vqa-limit", "40",

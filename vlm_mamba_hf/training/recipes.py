@@ -357,11 +357,17 @@ class Recipe:
     eval_caption_scenes: int = 500
 
     def replace(self, **changes: Any) -> Recipe:
-        """A copy with some fields changed (None values are ignored, so CLI defaults can pass through)."""
+        """A copy with some fields changed (None values are ignored, so CLI defaults can pass through).
+
+        Factored patches are built from the foreground channel: turning the channel off turns them off too,
+        unless the same call sets `factored_patches` (to True, the model config then refuses the pair)."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise ValueError(f"Unknown recipe field(s) {sorted(unknown)}.")
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if changes.get("foreground_channel") is False:
+            changes.setdefault("factored_patches", False)
+        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -656,8 +656,6 @@ def _recipe_from_args(args: argparse.Namespace) -> Recipe:
     }
     if overrides["easy_vqa_answer_types"]:
         overrides["easy_vqa_answer_types"] = tuple(overrides["easy_vqa_answer_types"])
-    if overrides["foreground_channel"] is False and overrides["factored_patches"] is None:
-        overrides["factored_patches"] = False  # factored patches are built from the channel: both go
     return get_recipe(args.recipe, **overrides)
 
 
