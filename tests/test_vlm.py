@@ -723,9 +723,10 @@ def test_factored_patches_sum_a_foreground_map_projection_and_a_colour_projectio
 
 def test_factored_patches_give_an_unseen_colour_shape_pair_the_sum_of_its_seen_parts():
     """What the factoring is for: feature(red square) = feature(red circle) - feature(blue circle) + feature(blue
-    square) in every patch that both shapes reach, so a pair never seen together is made of parts each seen with
-    other partners. A joint projection sees colour times coverage: where the two shapes cover a patch
-    differently, the colour's part differs between them, and the sum is off."""
+    square), up to the colour's small epsilon, in the patches that both shapes cover (checked where each covers a
+    quarter or more), so a pair never seen together is made of parts each seen with other partners. A joint
+    projection sees colour times coverage: where the two shapes cover a patch differently, the colour's part
+    differs between them, and the sum is off."""
 
     def scene(shape: str, colour: tuple[int, int, int]) -> Image.Image:
         image = Image.new("RGB", (32, 32), (255, 255, 255))
